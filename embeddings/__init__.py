@@ -1,5 +1,5 @@
 """The shared interface: feature specs, method registry, the compressed collection, artifacts."""
-from .artifact import ArtifactError, read_manifest
+from .artifact import ArtifactError, load_inference, read_manifest
 from .collection import CompressedEmbeddingBagCollection
 from .features import FeatureSpec, Pooling
 from .registry import FeatureLayout, MethodConfig, TableSpec, build_layout, config_from_dict, register, registered
@@ -16,6 +16,7 @@ __all__ = [
     "TableOptimizerKind",
     "TableSpec",
     "build_layout",
+    "load_inference",
     "config_from_dict",
     "read_manifest",
     "register",

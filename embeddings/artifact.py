@@ -203,3 +203,16 @@ def load_collection(
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             layout.load_state_dict(state)
     return collection
+
+
+def load_inference(directory: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
+    """The one loader for serving and evaluation: whatever the artifact holds (fp32 tables today;
+    quantized tables dispatch here by the manifest's ``dtype``), the result is an eval-mode
+    module with ``forward(kjt) -> KeyedTensor``, ``lookup(name, ids) -> [N, D]``,
+    ``feature_names``, ``dim``, ``methods`` and ``memory_bytes()``."""
+    manifest = read_manifest(directory)
+    dtype = manifest.get("dtype", "float32")
+    if dtype != "float32":
+        raise ArtifactError(f"{directory}: dtype {dtype!r} is not supported by this tablezip (float32)")
+    collection = load_collection(directory, device=device)
+    return collection.eval()

@@ -201,6 +201,21 @@ class CompressedEmbeddingBagCollection(nn.Module):
             vectors.append(feature.pooling.finish(vec, feature_lengths))
         return torch.cat(vectors, dim=1)
 
+    @torch.no_grad()
+    def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Unpooled vectors [N, D] of one feature's ids: each id is a bag of one, so the result
+        is exactly what the trained model sees for that id (method combine included)."""
+        if name not in self.layouts:
+            raise KeyError(f"unknown feature {name!r}; features: {self.feature_names}")
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device).reshape(-1)
+        n = ids.numel()
+        index = self.feature_names.index(name)
+        lengths = torch.zeros(len(self.features), n, dtype=torch.int64, device=self.device)
+        lengths[index] = 1
+        kjt = KeyedJaggedTensor(keys=self.feature_names, values=ids, lengths=lengths.view(-1))
+        pooled = self.forward(kjt).values()
+        return pooled[:, index * self.dim : (index + 1) * self.dim]
+
     def _finish_mean(self, pooled: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         out = [f.pooling.finish(pooled[:, i], lengths[i]) for i, f in enumerate(self.features)]
         return torch.stack(out, dim=1)

@@ -226,3 +226,26 @@ def test_single_tbe_matches_one_embedding_bag_per_table(kind):
     with torch.no_grad():
         for batch in (kjt, one_id_each):  # the collection has a shortcut for one id per bag
             torch.testing.assert_close(coll(batch).values(), looped(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lookup_is_the_single_id_bag_and_survives_load_inference(kind, tmp_path):
+    """``lookup`` is what serving returns: it must equal the model's own vector for a bag of one id."""
+    from tablezip.embeddings import load_inference
+
+    coll = build(kind, seed=4)
+    ids = torch.tensor([0, 5, 2999, 3000, -1, 7])
+    for i, name in enumerate(NAMES):
+        singles = KeyedJaggedTensor(
+            keys=NAMES,
+            values=ids.repeat(len(NAMES)),
+            lengths=torch.ones(len(NAMES) * ids.numel(), dtype=torch.long),
+        )
+        with torch.no_grad():
+            expected = coll(singles).values()[:, i * DIM : (i + 1) * DIM]
+        assert torch.equal(coll.lookup(name, ids), expected)
+    served = load_inference(coll.export(tmp_path / kind))
+    assert not served.training
+    assert torch.equal(served.lookup(NAMES[-1], ids), coll.lookup(NAMES[-1], ids))
+    with pytest.raises(KeyError, match="unknown feature"):
+        coll.lookup("nope", ids)
