@@ -23,7 +23,8 @@ from .registry import config_from_dict
 from .tbe import TableOptimizer
 
 if TYPE_CHECKING:
-    from .collection import CompressedEmbeddingBagCollection
+    from .collection import CompressedEmbeddingBagCollection, EmbeddingBagLookup
+    from .quantized import QuantizedEmbeddingBagCollection
 
 FORMAT = "tablezip-artifact"
 FORMAT_VERSION = 1
@@ -58,33 +59,29 @@ def file_sha256(path: Path) -> str:
 def collection_tensors(collection: "CompressedEmbeddingBagCollection") -> dict[str, torch.Tensor]:
     """Every tensor an artifact stores, by its name in the file."""
     tensors = {f"table.{i}": w.detach().cpu().contiguous() for i, w in enumerate(collection.table_weights())}
-    for name, layout in collection.layouts.items():
-        for key, value in layout.state_dict().items():
-            tensors[f"feature.{name}.{key}"] = value.detach().cpu().contiguous()
+    tensors.update(_feature_tensors(collection))
     return tensors
 
 
-def export_collection(collection: "CompressedEmbeddingBagCollection", directory: str | Path) -> Path:
-    """Write the artifact atomically: files go to a temp dir that is renamed into place, so a
-    crash never leaves a directory that looks like a complete artifact."""
-    directory = Path(directory)
-    tensors = collection_tensors(collection)
-    manifest: dict[str, Any] = {
+def _feature_tensors(collection: "EmbeddingBagLookup") -> dict[str, torch.Tensor]:
+    return {
+        f"feature.{name}.{key}": value.detach().cpu().contiguous()
+        for name, layout in collection.layouts.items()
+        for key, value in layout.state_dict().items()
+    }
+
+
+def _base_manifest(collection: "EmbeddingBagLookup", dtype: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What every artifact's manifest says, whatever the precision of its tables."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tablezip_version": tablezip_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dim": collection.dim,
-        "dtype": "float32",
-        "seed": collection.seed,
+        "dtype": dtype,
         "memory_bytes": collection.memory_bytes(),
         "full_bytes": collection.full_bytes(),
-        "optimizer": {
-            "kind": collection.optimizer_config.kind.value,
-            "lr": collection.optimizer_config.lr,
-            "eps": collection.optimizer_config.eps,
-            "weight_decay": collection.optimizer_config.weight_decay,
-        },
         "features": [
             {**f.to_dict(), "method": collection.layouts[f.name].config.to_dict(), "tables": collection.feature_tables(f.name)}
             for f in collection.features
@@ -95,6 +92,41 @@ def export_collection(collection: "CompressedEmbeddingBagCollection", directory:
             for name, t in tensors.items()
         },
     }
+
+
+def export_collection(collection: "CompressedEmbeddingBagCollection", directory: str | Path) -> Path:
+    """Write the fp32 (trainable) artifact."""
+    tensors = collection_tensors(collection)
+    manifest = _base_manifest(collection, "float32", tensors)
+    manifest["seed"] = collection.seed
+    manifest["optimizer"] = {
+        "kind": collection.optimizer_config.kind.value,
+        "lr": collection.optimizer_config.lr,
+        "eps": collection.optimizer_config.eps,
+        "weight_decay": collection.optimizer_config.weight_decay,
+    }
+    return _write_artifact(directory, tensors, manifest)
+
+
+def quantized_tensors(collection: "QuantizedEmbeddingBagCollection") -> dict[str, torch.Tensor]:
+    """Every tensor a quantized artifact stores: each table's rows in fbgemm's stored format
+    (float16 [R, D], or uint8 [R, row bytes] with the fp16 scale and bias inline), then the
+    layouts' state as in the fp32 artifact."""
+    tensors = {f"table.{i}": rows for i, rows in enumerate(collection.quantized_tables())}
+    tensors.update(_feature_tensors(collection))
+    return tensors
+
+
+def export_quantized(collection: "QuantizedEmbeddingBagCollection", directory: str | Path) -> Path:
+    """Write a quantized (serving-only) artifact; ``load_inference`` reads it back."""
+    tensors = quantized_tensors(collection)
+    return _write_artifact(directory, tensors, _base_manifest(collection, collection.dtype, tensors))
+
+
+def _write_artifact(directory: str | Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
+    """Write the artifact atomically: files go to a temp dir that is renamed into place, so a
+    crash never leaves a directory that looks like a complete artifact."""
+    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -178,6 +210,11 @@ def load_collection(
     from .collection import CompressedEmbeddingBagCollection
 
     manifest = read_manifest(directory)
+    dtype = manifest.get("dtype", "float32")
+    if dtype != "float32":
+        raise ArtifactError(
+            f"{directory}: holds {dtype!r} tables, which serve but do not train; load it with load_inference"
+        )
     tensors = load_verified_tensors(directory, manifest)
     try:
         features = [FeatureSpec.from_dict(f) for f in manifest["features"]]
@@ -205,14 +242,54 @@ def load_collection(
     return collection
 
 
-def load_inference(directory: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
-    """The one loader for serving and evaluation: whatever the artifact holds (fp32 tables today;
-    quantized tables dispatch here by the manifest's ``dtype``), the result is an eval-mode
-    module with ``forward(kjt) -> KeyedTensor``, ``lookup(name, ids) -> [N, D]``,
-    ``feature_names``, ``dim``, ``methods`` and ``memory_bytes()``."""
+def load_quantized(directory: str | Path, device: torch.device | str | None = None) -> "QuantizedEmbeddingBagCollection":
+    """Rebuild a ``QuantizedEmbeddingBagCollection`` from a quantized artifact, every tensor
+    checked against its sha256 first."""
+    from .quantized import QuantDtype, QuantizedEmbeddingBagCollection
+
+    manifest = read_manifest(directory)
+    try:
+        dtype = QuantDtype.parse(manifest.get("dtype"))
+    except ValueError as err:
+        raise ArtifactError(f"{directory}: not a quantized artifact ({err})") from None
+    tensors = load_verified_tensors(directory, manifest)
+    try:
+        features = [FeatureSpec.from_dict(f) for f in manifest["features"]]
+        methods = {f["name"]: config_from_dict(f["method"]) for f in manifest["features"]}
+        tables = [tensors[f"table.{i}"] for i in range(len(manifest["tables"]))]
+        state = {
+            f.name: {k[len(f"feature.{f.name}."):]: v for k, v in tensors.items() if k.startswith(f"feature.{f.name}.")}
+            for f in features
+        }
+        collection = QuantizedEmbeddingBagCollection(features, manifest["dim"], methods, tables, dtype, state, device=device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{directory}: manifest does not describe a valid {dtype.value} collection ({err})") from None
+    specs = [{"rows": t.rows, "dim": t.dim, "shared": t.shared} for t in collection.table_specs()]
+    if specs != manifest["tables"]:
+        raise ArtifactError(f"{directory}: manifest tables {manifest['tables']} do not match the methods it names {specs}")
+    expected_names = set(quantized_tensors(collection))
+    if expected_names != set(tensors):
+        diff = sorted(expected_names ^ set(tensors))
+        raise ArtifactError(f"{directory}: tensor {diff[0]!r} does not belong to the collection the manifest describes")
+    return collection
+
+
+def load_inference(directory: str | Path, device: torch.device | str | None = None) -> "EmbeddingBagLookup":
+    """The one loader for serving and evaluation: an eval-mode module with
+    ``forward(kjt) -> KeyedTensor``, ``lookup(name, ids) -> [N, D]`` fp32, ``feature_names``,
+    ``dim``, ``features``, ``methods``, ``dtype``, ``memory_bytes()`` and ``full_bytes()``,
+    whatever the artifact holds: the manifest's ``dtype`` picks an fp32
+    ``CompressedEmbeddingBagCollection`` ("float32") or a ``QuantizedEmbeddingBagCollection``
+    ("float16", "int8", "int4")."""
+    from .quantized import QuantDtype
+
     manifest = read_manifest(directory)
     dtype = manifest.get("dtype", "float32")
-    if dtype != "float32":
-        raise ArtifactError(f"{directory}: dtype {dtype!r} is not supported by this tablezip (float32)")
-    collection = load_collection(directory, device=device)
-    return collection.eval()
+    if dtype == "float32":
+        return load_collection(directory, device=device).eval()
+    if dtype in {d.value for d in QuantDtype}:
+        return load_quantized(directory, device=device)
+    raise ArtifactError(
+        f"{directory}: dtype {dtype!r} is not supported by this tablezip "
+        f"(float32, {', '.join(d.value for d in QuantDtype)})"
+    )

@@ -13,49 +13,29 @@ from .registry import FeatureLayout, MethodConfig, TableSpec, build_layout
 from .tbe import TableOptimizer, build_tbe, init_uniform_
 
 
-class CompressedEmbeddingBagCollection(nn.Module):
-    """Pooled embeddings of many features, each stored by its own compression method.
+class EmbeddingBagLookup(nn.Module):
+    """The lookup machinery every collection shares, whatever its tables are stored in.
 
-    ``KeyedJaggedTensor`` in, ``KeyedTensor`` [B, F*D] out, like torchrec's
-    ``EmbeddingBagCollection``. The physical tables of all features live in ONE fbgemm TBE,
-    trained by its fused optimizer inside backward: keep ``fused_parameters()`` out of the dense
-    optimizer.
+    Features, their method layouts, the plan of physical tables into TBE slots, and the forward
+    that turns a ``KeyedJaggedTensor`` into pooled vectors through ONE TBE call. Subclasses own
+    ``self.tbe``: any fbgemm TBE called as ``tbe(indices, offsets)`` that returns fp32 pooled
+    rows [bags, sum of slot dims] (the fp32 training TBE, or the int8/int4/fp16 inference TBE of
+    ``QuantizedEmbeddingBagCollection``). Why a base class: the method transforms, dropped ids,
+    unpooled slots, combiners and mean pooling must be the same code in training and serving,
+    or quantized lookups could drift from the trained model for reasons other than precision.
     """
 
-    def __init__(
-        self,
-        features: Sequence[FeatureSpec],
-        dim: int,
-        methods: Mapping[str, MethodConfig] | MethodConfig | None = None,
-        optimizer: TableOptimizer = TableOptimizer(),
-        device: torch.device | str | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        from tablezip.compress import Full  # registered methods live in compress/
+    features: list[FeatureSpec]
+    dim: int
+    layouts: nn.ModuleDict
+    device: torch.device
+    tbe: nn.Module
 
-        if not features:
-            raise ValueError("features must name at least one FeatureSpec")
-        names = [f.name for f in features]
-        if len(set(names)) != len(names):
-            raise ValueError(f"feature names must be unique, got {names}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if methods is None or isinstance(methods, MethodConfig):
-            default = methods or Full()
-            methods = {n: default for n in names}
-        unknown = set(methods) - set(names)
-        if unknown:
-            raise ValueError(f"methods name unknown features {sorted(unknown)}; features: {names}")
-
+    def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
+        """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
         self.features = list(features)
         self.dim = dim
-        self.optimizer_config = optimizer
-        self.seed = seed
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.layouts = nn.ModuleDict(
-            {f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features}
-        )
+        self.layouts = layouts
         self._tables, self._slot_table, self._feature_slots = _plan_tables(list(self.layouts.values()))
         # fbgemm's CPU row-wise Adagrad backward fails ("num of rows processed by adagrad") when
         # the slots reading one table are not adjacent, as with a table shared by features that
@@ -71,13 +51,10 @@ class CompressedEmbeddingBagCollection(nn.Module):
             )
         )
         self._any_mean = any(f.pooling is Pooling.MEAN for f in features)
-        self.tbe = build_tbe(self._tables, [self._slot_table[s] for s in self._tbe_order], optimizer, self.device)
-        generator = torch.Generator().manual_seed(seed)
-        init_uniform_(self.tbe, generator)
-        weights = self.table_weights()
-        for name, layout in self.layouts.items():
-            layout.init_tables([weights[t] for t in self.feature_tables(name)], generator)
-        self.layouts.to(self.device)
+
+    def tbe_feature_table_map(self) -> list[int]:
+        """Table read by each TBE slot, in the order TBE sees the slots (see ``_plan``)."""
+        return [self._slot_table[s] for s in self._tbe_order]
 
     # -- introspection -------------------------------------------------------------------
     @property
@@ -96,22 +73,6 @@ class CompressedEmbeddingBagCollection(nn.Module):
         """Indices into ``table_specs()`` / ``table_weights()`` of the tables a feature reads, in
         the order its ``transform`` returns row ids."""
         return [self._slot_table[s] for s in self._feature_slots[self.feature_names.index(name)]]
-
-    def table_weights(self) -> list[torch.Tensor]:
-        """Views of the physical tables inside the TBE (writing to them changes the model)."""
-        return list(self.tbe.split_embedding_weights())
-
-    def fused_parameters(self) -> list[nn.Parameter]:
-        """Parameters the TBE updates itself; a dense optimizer must not see them."""
-        return list(self.tbe.parameters())
-
-    def dense_parameters(self) -> list[nn.Parameter]:
-        return list(self.layouts.parameters())
-
-    def memory_bytes(self) -> int:
-        """Bytes the trained collection stores for inference: every table row plus what each
-        method keeps outside TBE. Optimizer state is training-only and not counted."""
-        return sum(t.bytes for t in self._tables) + sum(l.extra_bytes() for l in self.layouts.values())
 
     def full_bytes(self) -> int:
         """Bytes of the uncompressed baseline (Full) for the same features and dim."""
@@ -220,12 +181,92 @@ class CompressedEmbeddingBagCollection(nn.Module):
         out = [f.pooling.finish(pooled[:, i], lengths[i]) for i, f in enumerate(self.features)]
         return torch.stack(out, dim=1)
 
+
+class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
+    """Pooled embeddings of many features, each stored by its own compression method.
+
+    ``KeyedJaggedTensor`` in, ``KeyedTensor`` [B, F*D] out, like torchrec's
+    ``EmbeddingBagCollection``. The physical tables of all features live in ONE fbgemm TBE,
+    trained by its fused optimizer inside backward: keep ``fused_parameters()`` out of the dense
+    optimizer.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        dim: int,
+        methods: Mapping[str, MethodConfig] | MethodConfig | None = None,
+        optimizer: TableOptimizer = TableOptimizer(),
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from tablezip.compress import Full  # registered methods live in compress/
+
+        if not features:
+            raise ValueError("features must name at least one FeatureSpec")
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names must be unique, got {names}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+        if methods is None or isinstance(methods, MethodConfig):
+            default = methods or Full()
+            methods = {n: default for n in names}
+        unknown = set(methods) - set(names)
+        if unknown:
+            raise ValueError(f"methods name unknown features {sorted(unknown)}; features: {names}")
+
+        self.optimizer_config = optimizer
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        layouts = nn.ModuleDict({f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features})
+        self._plan(features, dim, layouts)
+        self.tbe = build_tbe(self._tables, self.tbe_feature_table_map(), optimizer, self.device)
+        generator = torch.Generator().manual_seed(seed)
+        init_uniform_(self.tbe, generator)
+        weights = self.table_weights()
+        for name, layout in self.layouts.items():
+            layout.init_tables([weights[t] for t in self.feature_tables(name)], generator)
+        self.layouts.to(self.device)
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def dtype(self) -> str:
+        """Precision of the stored tables as artifacts name it; the quantized twin says
+        "float16", "int8" or "int4" (see embeddings/quantized.py)."""
+        return "float32"
+
+    def table_weights(self) -> list[torch.Tensor]:
+        """Views of the physical tables inside the TBE (writing to them changes the model)."""
+        return list(self.tbe.split_embedding_weights())
+
+    def fused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the TBE updates itself; a dense optimizer must not see them."""
+        return list(self.tbe.parameters())
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return list(self.layouts.parameters())
+
+    def memory_bytes(self) -> int:
+        """Bytes the trained collection stores for inference: every table row plus what each
+        method keeps outside TBE. Optimizer state is training-only and not counted."""
+        return sum(t.bytes for t in self._tables) + sum(l.extra_bytes() for l in self.layouts.values())
+
     # -- artifacts -----------------------------------------------------------------------
-    def export(self, directory: str | Path) -> Path:
-        """Write ``tables.safetensors`` + ``manifest.json`` (see embeddings/artifact.py)."""
+    def export(self, directory: str | Path, dtype: str = "float32") -> Path:
+        """Write ``tables.safetensors`` + ``manifest.json`` (see embeddings/artifact.py).
+
+        ``dtype`` "float32" writes the trainable artifact (``load`` rebuilds this collection);
+        "float16", "int8" or "int4" writes row-wise quantized tables for serving, which
+        ``load_inference`` turns into a ``QuantizedEmbeddingBagCollection``."""
         from .artifact import export_collection
 
-        return export_collection(self, directory)
+        if dtype == "float32":
+            return export_collection(self, directory)
+        from .quantized import quantize
+
+        return quantize(self, dtype).export(directory)
 
     @classmethod
     def load(
