@@ -50,17 +50,17 @@ DTYPES = ("float32", "float16", "int8", "int4")
 
 
 def row_bytes(dim: int, dtype: str) -> int:
-    """Bytes of one stored row: fp32/fp16 elements, or int8/int4 codes plus the fp16 scale and
-    bias fbgemm keeps inline with each quantized row."""
+    """Bytes of one stored row at ``dtype``: the quantized collection's own rule (int rows carry
+    their fp16 scale and bias inline), so a plan's bytes are what serving stores."""
     if dtype == "float32":
         return dim * 4
-    if dtype == "float16":
-        return dim * 2
-    if dtype == "int8":
-        return dim + 4
-    if dtype == "int4":
-        return (dim + 1) // 2 + 4
-    raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    from tablezip.embeddings.quantized import QuantDtype, check_table_dim
+
+    quant = QuantDtype.parse(dtype)
+    check_table_dim(dim, quant, "every planned table")
+    return quant.row_bytes(dim)
 
 
 def table_bytes(spec: TableSpec, dtype: str) -> int:

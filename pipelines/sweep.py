@@ -43,7 +43,7 @@ class Trial:
 
     @property
     def slug(self) -> str:
-        return self.key.replace("/", "_")
+        return self.key.replace("/", "_").replace(":", "-")
 
 
 def make_trials(methods: Sequence[str], ratios: Sequence[float], models: Sequence[str], seeds: Sequence[int]) -> list[Trial]:
@@ -55,6 +55,28 @@ def make_trials(methods: Sequence[str], ratios: Sequence[float], models: Sequenc
                 for seed in dict.fromkeys(int(s) for s in seeds):
                     trials.append(Trial(method, float(ratio), model, seed))
     return trials
+
+
+def plan_trials(prepared_dir: str | Path, plans: Sequence[str | Path]) -> dict[str, tuple[str, float]]:
+    """``plan:<stem>`` -> (absolute plan path, its budget as a ratio of Full's bytes, 2 decimals);
+    each plan is checked against the data's features here, before any trial starts."""
+    from tablezip.compress import full_bytes
+
+    from .plan import read_plan
+    from .train import feature_specs
+
+    out: dict[str, tuple[str, float]] = {}
+    if not plans:
+        return out
+    features = feature_specs(prepared_dir)
+    for path in plans:
+        plan = read_plan(path)
+        plan.methods_for(features, plan.dim)
+        name = f"plan:{Path(path).stem}"
+        if name in out:
+            raise ValueError(f"two plans are named {Path(path).stem!r}; plan files need distinct names")
+        out[name] = (str(Path(path).resolve()), max(1.0, round(full_bytes(features, plan.dim) / plan.budget_bytes, 2)))
+    return out
 
 
 def sweep_key(trials: Iterable[Trial], max_train_rows: int | None = None) -> str:
@@ -82,8 +104,10 @@ def run_trial(
     parent_run_id: str,
     key: str,
     max_train_rows: int | None,
+    plan_path: str | None = None,
 ) -> dict[str, Any]:
-    """Train one trial inside its own MLflow child run; never raises (errors become records)."""
+    """Train one trial inside its own MLflow child run; never raises (errors become records).
+    A ``plan:<name>`` trial trains the per-feature methods of ``plan_path``."""
     import torch
 
     from .train import TrainConfig, train
@@ -98,8 +122,8 @@ def run_trial(
             tracking.log_params({"method": trial.method, "ratio_target": trial.ratio, "model": trial.model,
                                  "seed": trial.seed, "max_train_rows": max_train_rows, "trial": trial.key})
             try:
-                config = TrainConfig(method=trial.method, model=trial.model, ratio=trial.ratio, seed=trial.seed,
-                                     max_train_rows=max_train_rows)
+                config = TrainConfig(method="plan" if plan_path else trial.method, plan=plan_path, model=trial.model,
+                                     ratio=trial.ratio, seed=trial.seed, max_train_rows=max_train_rows)
                 result = train(prepared_dir, config, Path(out_dir) / "trials" / trial.slug, tracking_uri=None, progress=False)
             except Exception as err:
                 import mlflow
@@ -194,18 +218,24 @@ def run_sweep(
     address: str | None = None,
     max_train_rows: int | None = None,
     progress: bool = True,
+    plans: Sequence[str | Path] = (),
 ) -> list[dict[str, Any]]:
     """Run the grid on Ray (``address`` a cluster, else all local cores; an initialised Ray is
     reused), one MLflow child run per trial under one parent; write sweep.{json,md} and
     pareto.png to ``out_dir`` and attach them to the parent. Returns one record per trial.
 
     With ``address``, ``prepared_dir``, ``out_dir`` and the tracking store must be reachable at
-    the same paths from every node."""
+    the same paths from every node. Each of ``plans`` (``tablezip plan`` JSON files) adds a
+    method ``plan:<file stem>`` at the plan's own budget ratio, for every model and seed."""
     import mlflow
     import ray
     from tqdm.auto import tqdm
 
     trials = make_trials(methods, ratios, models, seeds)
+    plan_paths = plan_trials(prepared_dir, plans)
+    for name, (path, ratio) in plan_paths.items():
+        trials += [Trial(name, ratio, m, int(s)) for m in models for s in dict.fromkeys(seeds)]
+        ratios = [*ratios, ratio] if ratio not in ratios else ratios
     if not trials:
         raise ValueError("empty sweep: give at least one method, ratio, model and seed")
     key = sweep_key(trials, max_train_rows)
@@ -241,7 +271,8 @@ def run_sweep(
                                      "max_train_rows": max_train_rows, "data": prepared_dir, "trials": len(trials)})
             remote = ray.remote(num_cpus=1)(run_trial)
             pending = {
-                remote.remote(prepared_dir, t, str(out_dir), tracking_uri, experiment, parent.info.run_id, key, max_train_rows): t
+                remote.remote(prepared_dir, t, str(out_dir), tracking_uri, experiment, parent.info.run_id, key,
+                              max_train_rows, plan_paths[t.method][0] if t.method in plan_paths else None): t
                 for t in todo
             }
             bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=f"sweep {key}", disable=not progress)

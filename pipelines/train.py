@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from tablezip.compress import full_bytes, methods_for_budget
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
-from tablezip.models import DLRM, DCNv2
+from tablezip.models import DLRM, DCNv2, FieldAttention, default_query_fields
 
 from .dataset import Batch, CriteoSplit, _sparse_kjt
 from .criteo import DENSE, load_counts, read_manifest
@@ -63,6 +63,8 @@ class TrainConfig:
     seed: int = 0
     max_train_rows: int | None = None
     eval_batch_size: int = 8192
+    plan: str | None = None       # a `tablezip plan` JSON; only with method="plan"
+    query_fields: tuple[str, ...] = ()  # model "din": the ad-side query group (default: 4 largest fields)
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -76,11 +78,13 @@ class TrainConfig:
             ("max_train_rows", self.max_train_rows is None or self.max_train_rows >= 1, ">= 1 or None"),
         ]
         checks.append(("model", self.model in MODELS, f"one of {sorted(MODELS)}"))
+        checks.append(("plan", (self.method == "plan") == (self.plan is not None), "a plan file exactly when method is 'plan'"))
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
         object.__setattr__(self, "bottom", tuple(self.bottom))
         object.__setattr__(self, "top", tuple(self.top))
+        object.__setattr__(self, "query_fields", tuple(self.query_fields))
 
 
 @dataclass
@@ -101,6 +105,8 @@ class RunResult:
     replica_sha256: list[str] = field(default_factory=list)  # per worker, all equal (checked)
     resumed_from: str | None = None       # the checkpoint this run continued from
     checkpoint_seconds: float = 0.0       # time spent writing checkpoints (not in train_seconds)
+    dtype: str = "float32"                # the served tables' dtype (a plan may quantize them)
+    test_auc_fp32: float | None = None    # before quantization, when dtype is not float32
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -129,14 +135,23 @@ def feature_specs(prepared_dir: str | Path) -> list[FeatureSpec]:
 MODELS: dict[str, Callable[[CompressedEmbeddingBagCollection, int, "TrainConfig"], torch.nn.Module]] = {
     "dlrm": lambda coll, num_dense, cfg: DLRM(coll, num_dense=num_dense, bottom=cfg.bottom, top=cfg.top),
     "dcn": lambda coll, num_dense, cfg: DCNv2(coll, num_dense=num_dense),
+    # DIN's target attention over Criteo's fields (no behaviour histories there): models/field_attention.py
+    "din": lambda coll, num_dense, cfg: FieldAttention(
+        coll, num_dense=num_dense, query_fields=cfg.query_fields or default_query_fields(coll.features, 4)
+    ),
 }
 
 
 def build_model(
     features: Sequence[FeatureSpec], config: TrainConfig, num_dense: int, device: torch.device | None = None
 ) -> torch.nn.Module:
-    budget = int(full_bytes(features, config.dim) / config.ratio)
-    methods = methods_for_budget(config.method, features, config.dim, budget)
+    if config.plan is not None:
+        from .plan import read_plan
+
+        methods = read_plan(config.plan).methods_for(features, config.dim)
+    else:
+        budget = int(full_bytes(features, config.dim) / config.ratio)
+        methods = methods_for_budget(config.method, features, config.dim, budget)
     collection = CompressedEmbeddingBagCollection(
         features,
         config.dim,
@@ -434,6 +449,13 @@ class _Process:
         if len(set(self.result.replica_sha256)) != 1:
             raise RuntimeError(f"data-parallel replicas diverged: state sha256 per rank {self.result.replica_sha256}")
 
+    def _served_dtype(self) -> str:
+        if self.config.plan is None:
+            return "float32"
+        from .plan import read_plan
+
+        return read_plan(self.config.plan).dtype
+
     def finish(self, run: Any, wall_start: float) -> RunResult:
         """Rank 0: test metrics, the exported collection and dense weights, MLflow."""
         from safetensors.torch import save_file
@@ -447,6 +469,20 @@ class _Process:
         artifact = self.collection.export(run_dir / "embeddings")
         dense = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if not k.startswith("embeddings.")}
         save_file(dense, str(run_dir / "dense.safetensors"))
+        served_dtype = self._served_dtype()
+        if served_dtype != "float32":
+            # The plan's bytes are quantized bytes: judge the model that would be served.
+            from tablezip.embeddings.quantized import quantize
+
+            served = quantize(self.collection, served_dtype)
+            result.test_auc_fp32 = result.test_auc
+            self.model.embeddings = served
+            try:
+                result.test_auc, result.test_logloss = evaluate(self.model, test, self.config.eval_batch_size, self.device)
+            finally:
+                self.model.embeddings = self.collection
+            result.dtype, result.embedding_bytes = served_dtype, served.memory_bytes()
+            artifact = served.export(run_dir / f"embeddings-{served_dtype}")
         result.artifact_dir = str(artifact)
         result.model = self.model
         result.wall_seconds = time.perf_counter() - wall_start
@@ -454,7 +490,8 @@ class _Process:
             import mlflow
 
             tracking.log_metrics({k: getattr(result, k) for k in (
-                "test_auc", "test_logloss", "examples_per_second", "train_seconds", "wall_seconds", "checkpoint_seconds")})
+                "test_auc", "test_logloss", "examples_per_second", "train_seconds", "wall_seconds", "checkpoint_seconds",
+                "embedding_bytes")})
             # Only the exports: the run folder also holds checkpoints, which stay local.
             mlflow.log_artifacts(str(artifact), artifact_path="model/embeddings")
             mlflow.log_artifact(str(run_dir / "dense.safetensors"), artifact_path="model")

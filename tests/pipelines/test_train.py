@@ -87,3 +87,11 @@ def test_dcn_v2_trains_through_the_same_pipeline(prepared, tmp_path):
     assert (tmp_path / "dcn-hash-x10" / "embeddings" / "manifest.json").is_file()
     with pytest.raises(ValueError, match="TrainConfig.model"):
         TrainConfig(model="transformer")
+
+
+def test_din_style_field_attention_trains_through_the_same_pipeline(prepared, tmp_path):
+    config = TrainConfig(model="din", method="hash", ratio=10, query_fields=("C3", "C4"))
+    result = train(prepared, config, tmp_path, tracking_uri=None, progress=False)
+    assert result.test_auc > 0.68
+    assert result.model.query_fields == ["C3", "C4"]
+    assert (tmp_path / "din-hash-x10" / "embeddings" / "manifest.json").is_file()

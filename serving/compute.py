@@ -1,0 +1,90 @@
+"""The work behind Lookup and LookupBags, in chunks of about ``CHUNK_IDS`` ids.
+
+Why chunks: a request near ``--max-ids`` runs for a second or more; between chunks the handler
+checks its deadline (``check``), so a request whose client gave up stops within one chunk
+instead of occupying a worker to the end. Requests up to one chunk (every latency-sensitive
+one) run as a single call with no extra copy. Pooled bags are independent of each other, so
+cutting a batch at bag boundaries gives the same vectors as one forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from .model import LoadedModel
+from .reader import Reader
+
+CHUNK_IDS = 1 << 16
+
+Check = Callable[[str], None]
+
+
+def read_vectors(reader: Reader, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS) -> torch.Tensor:
+    """[N, D] unpooled vectors of ``ids`` (int64, validated)."""
+    all_ids = torch.from_numpy(ids)
+    if ids.size <= chunk:
+        check("the lookup")
+        return reader(all_ids)
+    out: torch.Tensor | None = None
+    for start in range(0, ids.size, chunk):
+        check(f"ids {start}..{min(start + chunk, ids.size) - 1} of {ids.size}")
+        part = reader(all_ids[start : start + chunk])
+        if out is None:
+            out = torch.empty((ids.size, part.shape[1]), dtype=part.dtype)
+        out[start : start + part.shape[0]] = part
+    assert out is not None
+    return out
+
+
+def bag_chunks(lengths: np.ndarray, chunk: int = CHUNK_IDS) -> list[tuple[int, int]]:
+    """Ranges of bags holding about ``chunk`` ids + bags each (a bag costs an output row even
+    when empty); at least one bag per range."""
+    batch = lengths.shape[1]
+    cost = np.cumsum(lengths.sum(axis=0, dtype=np.int64) + 1)
+    if batch == 0 or cost[-1] <= chunk:
+        return [(0, batch)]
+    cuts = np.searchsorted(cost, np.arange(chunk, cost[-1], chunk), side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [batch]]))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pool_bags(
+    model: LoadedModel, positions: list[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS
+) -> torch.Tensor:
+    """[B, F_req, D] pooled vectors through the model's own forward.
+
+    ``lengths`` is [F_req, B] for the requested features (model positions ``positions``), ``ids``
+    their ids feature-major. The model sees its features in its own order, the unrequested ones
+    with empty bags; the answer holds the requested columns in request order."""
+    num, batch = len(model.feature_names), lengths.shape[1]
+    if batch == 0:
+        check("the lookup")
+        return torch.zeros(0, len(positions), model.dim)
+    # Offsets of every (feature, bag) into ids: feature f's ids of bags [a, b) are ids[offsets[f, a]:offsets[f, b]].
+    offsets = np.zeros((len(positions), batch + 1), dtype=np.int64)
+    np.cumsum(lengths, axis=1, out=offsets[:, 1:])
+    offsets += np.concatenate([[0], np.cumsum(offsets[:, -1])[:-1]])[:, None]
+    order = np.argsort(positions, kind="stable")  # request index of each feature, in model order
+    keep_all = positions == list(range(num))
+    out: torch.Tensor | None = None
+    for a, b in bag_chunks(lengths, chunk):
+        check("the lookup" if (a, b) == (0, batch) else f"bags {a}..{b - 1} of {batch}")
+        full_lengths = np.zeros((num, b - a), dtype=np.int64)
+        full_lengths[positions] = lengths[:, a:b]
+        values = np.concatenate([ids[offsets[i, a] : offsets[i, b]] for i in order])
+        kjt = KeyedJaggedTensor(
+            keys=list(model.feature_names), values=torch.from_numpy(values), lengths=torch.from_numpy(full_lengths.reshape(-1))
+        )
+        with torch.no_grad():
+            pooled = model.module(kjt).values().view(b - a, num, model.dim)
+        part = pooled if keep_all else pooled[:, positions]
+        if (a, b) == (0, batch):
+            return part
+        if out is None:
+            out = torch.empty((batch, len(positions), model.dim), dtype=part.dtype)
+        out[a:b] = part
+    assert out is not None
+    return out

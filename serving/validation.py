@@ -1,0 +1,126 @@
+"""Request decoding and limits: every malformed request becomes a ``ServingError`` with the gRPC
+status and a message naming the problem, before any model work starts.
+
+Ids arrive either as ``repeated int64`` or packed little-endian in ``*_le`` bytes; both decode
+with one numpy call (no per-id Python work). The limits are checked on counts before any
+array is built, so an oversized request costs the server nothing but its parse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from .v1 import lookup_pb2 as pb
+
+DEFAULT_MAX_IDS = 1_000_000
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_OUT_DTYPES = {pb.DTYPE_UNSPECIFIED: np.dtype("<f4"), pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
+
+
+class ServingError(Exception):
+    """A request the server refuses: ``code`` is the gRPC status the client receives."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; ``max_ids`` bounds ids and, for LookupBags, bags (each bag is a row of
+    output, so an empty-bag flood is as costly as an id flood)."""
+
+    max_ids: int = DEFAULT_MAX_IDS
+
+    def __post_init__(self) -> None:
+        if self.max_ids < 1:
+            raise ValueError(f"max_ids must be >= 1, got {self.max_ids}")
+
+
+def out_dtype(value: int) -> np.dtype:
+    """The numpy dtype of the answer; unknown enum values (proto3 keeps them) are refused."""
+    try:
+        return _OUT_DTYPES[value]
+    except KeyError:
+        raise invalid(f"dtype {value} is not one of FLOAT32 (1), FLOAT16 (2)") from None
+
+
+def _packed(data: bytes, dtype: str, width: int, count_limit: int, what: str, limits_name: str) -> np.ndarray:
+    if len(data) % width:
+        raise invalid(f"{what}_le has {len(data)} bytes, not a multiple of {width} (packed little-endian {dtype})")
+    n = len(data) // width
+    if n > count_limit:
+        raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} {what} exceed the server's {limits_name}={count_limit}")
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=True)
+
+
+def decode_ints(
+    repeated: Sequence[int], packed: bytes, *, what: str, dtype: str, limit: int, limit_name: str = "--max-ids"
+) -> np.ndarray:
+    """One of ``repeated`` / ``packed`` (not both) as a native, writable numpy array."""
+    width = np.dtype(dtype).itemsize
+    if len(repeated) and len(packed):
+        raise invalid(f"set either {what} or {what}_le, not both")
+    if len(packed):
+        return _packed(packed, dtype, width, limit, what, limit_name)
+    if len(repeated) > limit:
+        raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(repeated)} {what} exceed the server's {limit_name}={limit}")
+    return np.array(repeated, dtype=dtype)
+
+
+def check_ids(ids: np.ndarray, feature: str) -> None:
+    """Negative ids are outside every feature's contract (ids >= num_embeddings are served by the
+    method's OOV contract)."""
+    if ids.size and ids.min() < 0:
+        where = int(np.flatnonzero(ids < 0)[0])
+        raise invalid(f"id {int(ids[where])} at position {where} of feature {feature!r} is negative; ids must be >= 0")
+
+
+def check_bag_ids(ids: np.ndarray, lengths: np.ndarray, features: Sequence[str]) -> None:
+    """``check_ids`` for a KeyedJaggedTensor batch: the message names the feature of the first
+    negative id and its position among that feature's ids (``lengths`` is [F, B])."""
+    if ids.size and ids.min() < 0:
+        first = int(np.flatnonzero(ids < 0)[0])
+        ends = np.cumsum(lengths.sum(axis=1, dtype=np.int64))
+        f = int(np.searchsorted(ends, first, side="right"))
+        start = int(ends[f - 1]) if f else 0
+        raise invalid(f"id {int(ids[first])} at position {first - start} of feature {features[f]!r} is negative; ids must be >= 0")
+
+
+def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
+    """Model positions of the requested features: NOT_FOUND names an unknown one."""
+    if not requested:
+        raise invalid("features is empty; name at least one feature")
+    index = {name: i for i, name in enumerate(known)}
+    positions = []
+    seen: set[str] = set()
+    for name in requested:
+        if name not in index:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"unknown feature {name!r}; the model has {list(known)}")
+        if name in seen:
+            raise invalid(f"feature {name!r} appears twice in features")
+        seen.add(name)
+        positions.append(index[name])
+    return positions
+
+
+def check_lengths(lengths: np.ndarray, num_features: int, num_ids: int) -> int:
+    """Validate KeyedJaggedTensor lengths (F*B, feature-major); returns B."""
+    if lengths.size % num_features:
+        raise invalid(f"{lengths.size} lengths for {num_features} features: expected a multiple of {num_features} (F*B)")
+    if lengths.size and lengths.min() < 0:
+        where = int(np.flatnonzero(lengths < 0)[0])
+        raise invalid(f"length {int(lengths[where])} at position {where} is negative")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != num_ids:
+        raise invalid(f"lengths sum to {total} but {num_ids} ids were sent")
+    return lengths.size // num_features
