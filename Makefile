@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(BIN)/tablezip prepare data/criteo_sample_110k.tsv.gz --out $(DEMO)/prepared \
 		--split ordered --fractions 0.72,0.08,0.2 --overwrite
 	$(BIN)/tablezip train --data $(DEMO)/prepared --methods full,hash --ratio 10 --out $(DEMO)/runs
+	$(BIN)/tablezip plan --data $(DEMO)/prepared --ratio 100 --out $(DEMO)/plan-100x.json
+	$(BIN)/tablezip train --data $(DEMO)/prepared --plan $(DEMO)/plan-100x.json --out $(DEMO)/runs
 	$(BIN)/tablezip sweep --data $(DEMO)/prepared --methods full,hash,unified,pruned,hybrid \
 		--budgets 10,100 --models dlrm --seeds 0 --out $(DEMO)/sweep
 

@@ -1,4 +1,4 @@
-"""Read raw Criteo TSV files and prepare them for training.
+"""Read raw Criteo TSV files and prepare them for training, serially or as Ray tasks.
 
 Raw Criteo (Kaggle ``train.txt`` layout: tab separated, no header,
 ``label, I1..I13, C1..C26``) is too slow to parse on every epoch and its
@@ -17,31 +17,52 @@ Prepared directory layout::
 
 Parsing is vectorised with polars over chunks of ``chunk_lines`` lines, so
 memory stays bounded however large the inputs are.
+
+This module is the driver. The work itself is four steps in `criteo_steps` (parse units of
+input, count train values, encode, stitch shards), run in-process or as Ray tasks by an
+executor from `prepare_ray`. Between steps the driver turns per-task results into global
+offsets (lines, kept rows, split positions) and merges the per-task train counts into the
+vocabularies; because every decision is keyed on those global offsets, the output does not
+depend on the executor or on how the input was cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import io
-import itertools
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
+
+from . import criteo_steps as steps
+from .criteo_format import (
+    DENSE,
+    FORMAT,
+    LABEL,
+    MANIFEST,
+    SPARSE,
+    SPLITS,
+    VERSION,
+    MalformedLine,
+    NotPreparedError,
+    PrepareConfig,
+    load_counts,
+    read_manifest,
+)
+from .prepare_ray import RayExecutor, SerialExecutor, ray_executor
 
 __all__ = [
+    "AUTO_SERIAL_BYTES",
     "DENSE",
     "FORMAT",
     "LABEL",
@@ -59,80 +80,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LABEL = "label"
-DENSE = [f"I{i}" for i in range(1, 14)]
-SPARSE = [f"C{i}" for i in range(1, 27)]
-COLUMNS = [LABEL, *DENSE, *SPARSE]
-N_FIELDS = len(COLUMNS)
-SPLITS = ("train", "valid", "test")
-
-FORMAT = "tablezip-criteo-prepared"
-VERSION = 1
-MANIFEST = "manifest.json"
-
-_GZIP_MAGIC = b"\x1f\x8b"
 _TMP_PREFIX = ".prepare-tmp-"
-_SPLIT = "__split"
-_LINE = "__line"  # global 0-based line index over all inputs, malformed lines included
-_ROW = "__row"  # global 0-based index over kept rows
+
+# With workers=None (the CLI default) inputs smaller than this are prepared serially: below it,
+# starting Ray and its workers costs more than the parallel steps save (see the README numbers).
+AUTO_SERIAL_BYTES = 256 * 2**20
+# A plain file is cut into line-aligned byte ranges of about total / (4 * workers) bytes, never
+# smaller than this: finer cuts only add tasks and raw shards.
+MIN_RANGE_BYTES = 8 * 2**20
+
+Executor = SerialExecutor | RayExecutor
 
 
-# --------------------------------------------------------------------------- config / report
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything that determines the prepared output (it is recorded in the manifest).
-
-    ``split="random"`` assigns each line to a split by a seeded hash of its
-    global line number (counted over all input lines in the given file order,
-    malformed lines included), so the assignment does not depend on
-    ``chunk_lines`` and a row keeps its split when other lines turn out to be
-    malformed. ``split="ordered"`` keeps file order: the first
-    ``fractions[0]`` of the kept rows are train, the next ``fractions[1]``
-    valid, the rest test (boundaries rounded half up), which is what a
-    temporal evaluation needs.
-    """
-
-    seed: int = 0
-    split: str = "random"
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    min_count: int = 1
-    shard_rows: int = 1_000_000
-    chunk_lines: int = 200_000
-    max_reported: int = 10
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
-        if not isinstance(self.seed, int):
-            raise ValueError(f"PrepareConfig.seed must be an int, got {self.seed!r}")
-        if self.split not in ("random", "ordered"):
-            raise ValueError(f"PrepareConfig.split must be 'random' or 'ordered', got {self.split!r}")
-        self._check_fractions()
-        for name, low in (("min_count", 1), ("shard_rows", 1), ("chunk_lines", 1), ("max_reported", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"PrepareConfig.{name} must be an int >= {low}, got {value!r}")
-
-    def _check_fractions(self) -> None:
-        fr = self.fractions
-        if len(fr) != 3:
-            raise ValueError(f"PrepareConfig.fractions must have 3 entries (train, valid, test), got {fr!r}")
-        if any(not 0.0 <= f <= 1.0 for f in fr):
-            raise ValueError(f"PrepareConfig.fractions must each be in [0, 1], got {fr!r}")
-        if abs(sum(fr) - 1.0) > 1e-6:
-            raise ValueError(f"PrepareConfig.fractions must sum to 1 (within 1e-6), got {fr!r} (sum {sum(fr)})")
-        if fr[0] <= 0.0:
-            raise ValueError(f"PrepareConfig.fractions[0] (train) must be > 0, got {fr!r}")
-
-
-@dataclass
-class MalformedLine:
-    """Where a skipped line is, so that a user can look at it in the raw file."""
-
-    file: str
-    line: int  # 1-based, within `file`
-    reason: str
+# --------------------------------------------------------------------------- report
 
 
 @dataclass
@@ -147,12 +107,13 @@ class PrepareReport:
     cardinalities: dict[str, int]  # num_embeddings per sparse feature (OOV id == this value)
     seconds: float
     out_dir: str
+    execution: str = "serial"  # how it ran; never affects the output, so it is not in the manifest
 
     def summary(self) -> str:
         """A few human readable lines for the CLI."""
         splits = ", ".join(f"{name} {n:,}" for name, n in self.rows_per_split.items())
         lines = [
-            f"prepared {self.out_dir} in {self.seconds:.1f}s",
+            f"prepared {self.out_dir} in {self.seconds:.1f}s ({self.execution})",
             f"rows: read {self.rows_read:,}, kept {self.rows_kept:,}, malformed {self.rows_malformed:,}",
             f"splits: {splits}",
             "num_embeddings: " + ", ".join(f"{k}={v:,}" for k, v in self.cardinalities.items()),
@@ -164,261 +125,7 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-class NotPreparedError(ValueError):
-    """Raised when a directory is not (or not completely) the output of `prepare_criteo`."""
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@contextmanager
-def _open_text(path: Path) -> Iterator[tuple[IO[str], IO[bytes]]]:
-    """Open plain or gzip input (by magic bytes, suffixes lie) as text split on '\\n' only.
-
-    Yields the text stream and the raw byte stream, whose position drives the
-    progress bar (compressed bytes for gzip). Splitting only on '\\n' keeps
-    line numbers aligned with `wc -l`; a stray '\\r' stays inside its line.
-    """
-    with open(path, "rb") as raw:
-        is_gzip = raw.read(2) == _GZIP_MAGIC
-        raw.seek(0)
-        binary: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
-        text = io.TextIOWrapper(binary, encoding="utf-8", errors="replace", newline="\n")
-        try:
-            yield text, raw
-        finally:
-            text.detach()
-            if is_gzip:
-                binary.close()
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-@dataclass
-class _ParsedChunk:
-    good: pl.DataFrame  # local line index + typed columns of the valid lines
-    n_bad: int
-    reported: list[tuple[int, str]]  # (0-based local line index, reason), at most the asked budget
-
-
-def _field_exprs() -> list[pl.Expr]:
-    fields = pl.col("__fields")
-    return [fields.list.get(i, null_on_oob=True).alias(name) for i, name in enumerate(COLUMNS)]
-
-
-def _dense_bad(name: str) -> pl.Expr:
-    col = pl.col(name)
-    return (col != "") & col.cast(pl.Int64, strict=False).is_null()
-
-
-def _bad_conditions() -> list[tuple[pl.Expr, pl.Expr]]:
-    """(is-bad, reason) pairs in the order they are reported; the first true one wins."""
-    n_fields = pl.col("__n_fields")
-    checks = [
-        (pl.col("__text").str.contains("\ufffd", literal=True), pl.lit("line is not valid UTF-8")),
-        (n_fields != N_FIELDS, pl.format(f"expected {N_FIELDS} fields, got {{}}", n_fields)),
-        (~pl.col(LABEL).is_in(["0", "1"]), pl.format("label: '{}' is not 0 or 1", pl.col(LABEL))),
-    ]
-    checks += [(_dense_bad(d), pl.format(f"{d}: '{{}}' is not an integer", pl.col(d))) for d in DENSE]
-    return checks
-
-
-def _reason_expr(checks: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
-    (first_cond, first_reason), *rest = checks
-    expr = pl.when(first_cond).then(first_reason)
-    for cond, reason in rest:
-        expr = expr.when(cond).then(reason)
-    return expr.otherwise(pl.lit(None, dtype=pl.String))
-
-
-def _dense_transform(name: str) -> pl.Expr:
-    """log(1 + max(x, 0)): squashes the heavy-tailed counts; empty (missing) becomes 0."""
-    x = pl.col(name).cast(pl.Int64, strict=False).clip(lower_bound=0).cast(pl.Float64)
-    return x.log1p().fill_null(0.0).cast(pl.Float32).alias(name)
-
-
-def _parse_chunk(lines: list[str], report_budget: int) -> _ParsedChunk:
-    """Validate and type one chunk of raw lines, all column-wise in polars."""
-    checks = _bad_conditions()
-    frame = (
-        pl.DataFrame({"__text": pl.Series(lines, dtype=pl.String)})
-        .with_row_index("__local")
-        .with_columns(pl.col("__text").str.strip_chars_end("\r\n"))
-        .with_columns(pl.col("__text").str.split("\t").alias("__fields"))
-        .with_columns(pl.col("__fields").list.len().alias("__n_fields"), *_field_exprs())
-        .with_columns(pl.any_horizontal(cond for cond, _ in checks).fill_null(True).alias("__bad"))
-    )
-    bad = frame.filter(pl.col("__bad"))
-    reported = bad.head(report_budget).select("__local", _reason_expr(checks).alias("reason"))
-    good = frame.filter(~pl.col("__bad")).select(
-        pl.col("__local").cast(pl.Int64),
-        pl.col(LABEL).cast(pl.Int8),
-        *(_dense_transform(d) for d in DENSE),
-        *SPARSE,
-    )
-    return _ParsedChunk(good=good, n_bad=bad.height, reported=list(reported.iter_rows()))
-
-
-# --------------------------------------------------------------------------- splitting
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed, well-mixed 64-bit hash; unlike polars' hash it cannot change between library versions."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _unit_hash(index: np.ndarray, seed: int) -> np.ndarray:
-    """Map (seed, index) to a uniform float in [0, 1)."""
-    seed_key = _splitmix64(np.array([seed & 0xFFFF_FFFF_FFFF_FFFF], dtype=np.uint64))
-    h = _splitmix64(_splitmix64(index.astype(np.uint64)) ^ seed_key)
-    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
-def _ordered_bounds(fractions: tuple[float, float, float], n_rows: int) -> np.ndarray:
-    cumulative = np.cumsum(fractions)[:2]
-    return np.floor(cumulative * n_rows + 0.5).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class _SplitAssigner:
-    """Split ids (0 train, 1 valid, 2 test) from line / kept-row indices; needs the total kept rows for 'ordered'."""
-
-    config: PrepareConfig
-    rows_kept: int
-
-    def assign(self, lines: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        if self.config.split == "random":
-            bounds = np.cumsum(self.config.fractions)[:2]
-            return np.searchsorted(bounds, _unit_hash(lines, self.config.seed), side="right").astype(np.uint8)
-        bounds = _ordered_bounds(self.config.fractions, self.rows_kept)
-        return np.searchsorted(bounds, rows, side="right").astype(np.uint8)
-
-    def with_split(self, frame: pl.DataFrame) -> pl.DataFrame:
-        split = self.assign(frame[_LINE].to_numpy(), frame[_ROW].to_numpy())
-        return frame.with_columns(pl.Series(_SPLIT, split, dtype=pl.UInt8))
-
-
-# --------------------------------------------------------------------------- vocabulary
-
-
-class _CountMerger:
-    """Sums per-chunk (value, count) frames, compacting geometrically so total work stays ~linear."""
-
-    def __init__(self) -> None:
-        self._merged = pl.DataFrame(schema={"value": pl.String, "count": pl.Int64})
-        self._pending: list[pl.DataFrame] = []
-        self._pending_rows = 0
-
-    def add(self, counts: pl.DataFrame) -> None:
-        self._pending.append(counts)
-        self._pending_rows += counts.height
-        if self._pending_rows > max(self._merged.height, 1_000_000):
-            self._compact()
-
-    def _compact(self) -> None:
-        if self._pending:
-            both = pl.concat([self._merged, *self._pending])
-            self._merged = both.group_by("value").agg(pl.col("count").sum())
-            self._pending, self._pending_rows = [], 0
-
-    def result(self) -> pl.DataFrame:
-        self._compact()
-        return self._merged
-
-
-def _chunk_counts(train: pl.DataFrame) -> list[pl.DataFrame]:
-    """One (value, count) frame per sparse feature, computed in parallel."""
-    queries = [
-        train.lazy().group_by(name).agg(pl.len().cast(pl.Int64).alias("count")).rename({name: "value"})
-        for name in SPARSE
-    ]
-    return pl.collect_all(queries)
-
-
-def _build_vocab(counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
-    """Frequent values get ids 0..n-1 by descending train count, ties by value ascending.
-
-    Id 0 is the most frequent value: frequency-aware compression methods rely on this order.
-    """
-    return (
-        counts.filter(pl.col("count") >= min_count)
-        .sort(["count", "value"], descending=[True, False])
-        .with_row_index("id")
-        .select("value", pl.col("id").cast(pl.Int32), pl.col("count").cast(pl.Int64))
-    )
-
-
-def _map_ids(frame: pl.DataFrame, vocabs: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    """Raw strings -> ids; anything outside the vocabulary gets the OOV id n (== num_embeddings)."""
-    return frame.with_columns(
-        pl.col(name).replace_strict(v["value"], v["id"], default=v.height, return_dtype=pl.Int32)
-        for name, v in vocabs.items()
-    )
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class _ShardWriter:
-    """Re-cuts frames of any size into shards of exactly `shard_rows` (the last one shorter).
-
-    Shard boundaries therefore depend only on the data, never on chunk_lines,
-    which keeps outputs byte-identical across chunk sizes.
-    """
-
-    def __init__(self, directory: Path, shard_rows: int) -> None:
-        self._dir = directory
-        self._shard_rows = shard_rows
-        self._buffer: list[pl.DataFrame] = []
-        self._buffered = 0
-        self._written = 0
-        self.rows = 0
-        directory.mkdir(parents=True)
-
-    def add(self, frame: pl.DataFrame) -> None:
-        if frame.height == 0:
-            return
-        self._buffer.append(frame)
-        self._buffered += frame.height
-        self.rows += frame.height
-        while self._buffered >= self._shard_rows:
-            data = pl.concat(self._buffer)
-            self._write(data.head(self._shard_rows))
-            rest = data.slice(self._shard_rows)
-            self._buffer, self._buffered = [rest], rest.height
-
-    def close(self, schema: pl.Schema) -> None:
-        """Flush the remainder; an empty split still gets one empty shard so readers see the schema."""
-        if self._buffered or self._written == 0:
-            frames = self._buffer or [pl.DataFrame(schema=schema)]
-            self._write(pl.concat(frames))
-        self._buffer, self._buffered = [], 0
-
-    def _write(self, frame: pl.DataFrame) -> None:
-        path = self._dir / f"part-{self._written:05d}.parquet"
-        frame.rechunk().write_parquet(path, compression="zstd", row_group_size=self._shard_rows)
-        self._written += 1
-
-
-def _final_schema() -> pl.Schema:
-    return pl.Schema({LABEL: pl.Int8, **{d: pl.Float32 for d in DENSE}, **{c: pl.Int32 for c in SPARSE}})
-
-
-# --------------------------------------------------------------------------- prepare
-
-
-@dataclass
-class _PassOneResult:
-    raw_shards: list[Path]
-    rows_read: int
-    rows_kept: int
-    rows_malformed: int
-    first_malformed: list[MalformedLine] = field(default_factory=list)
+# --------------------------------------------------------------------------- checks
 
 
 def _check_inputs(paths: Sequence[str | Path]) -> list[Path]:
@@ -445,79 +152,169 @@ def _check_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _read_file(
-    path: Path,
-    config: PrepareConfig,
-    state: _PassOneResult,
-    raw_dir: Path,
-    bar: tqdm,
-) -> None:
-    """Pass 1 over one file: validate chunks, write the kept rows with their indices as raw shards."""
-    line_base = state.rows_read
-    with _open_text(path) as (text, raw):
-        position = 0
-        while lines := list(itertools.islice(text, config.chunk_lines)):
-            budget = config.max_reported - len(state.first_malformed)
-            chunk = _parse_chunk(lines, budget)
-            local_offset = state.rows_read - line_base  # lines of this file already consumed
-            for local, reason in chunk.reported:
-                bad = MalformedLine(file=str(path), line=local_offset + local + 1, reason=reason)
-                logger.warning("skipping malformed line %s:%d: %s", bad.file, bad.line, bad.reason)
-                state.first_malformed.append(bad)
-            good = chunk.good.with_columns(
-                (pl.col("__local") + state.rows_read).alias(_LINE),
-                pl.int_range(state.rows_kept, state.rows_kept + chunk.good.height, dtype=pl.Int64).alias(_ROW),
-            ).drop("__local")
-            if good.height:
-                shard = raw_dir / f"raw-{len(state.raw_shards):06d}.parquet"
-                good.write_parquet(shard, compression="lz4")
-                state.raw_shards.append(shard)
-            state.rows_read += len(lines)
-            state.rows_kept += good.height
-            state.rows_malformed += chunk.n_bad
-            bar.update(raw.tell() - position)
-            position = raw.tell()
-            bar.set_postfix(lines=f"{state.rows_read:,}", malformed=state.rows_malformed, refresh=False)
+def _check_execution(workers: int | None, range_bytes: int | None) -> None:
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be None (all CPUs) or an int >= 0 (0 and 1 mean serial), got {workers!r}")
+    if range_bytes is not None and (not isinstance(range_bytes, int) or range_bytes < 1):
+        raise ValueError(f"range_bytes must be None or an int >= 1, got {range_bytes!r}")
 
 
-def _pass_one(paths: list[Path], config: PrepareConfig, raw_dir: Path, progress: bool) -> _PassOneResult:
-    raw_dir.mkdir()
-    state = _PassOneResult(raw_shards=[], rows_read=0, rows_kept=0, rows_malformed=0)
-    total = sum(p.stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="criteo: parse", disable=not progress) as bar:
-        for path in paths:
-            _read_file(path, config, state, raw_dir, bar)
-    return state
+@contextmanager
+def _executor(inputs: list[Path], workers: int | None, address: str | None) -> Iterator[Executor]:
+    """Serial for workers 0/1, and for small inputs when workers is None; Ray otherwise."""
+    if workers is not None and workers <= 1:
+        if address:
+            logger.warning("workers=%d runs serially; ignoring the Ray address %s", workers, address)
+        yield SerialExecutor()
+        return
+    total = sum(p.stat().st_size for p in inputs)
+    if workers is None and address is None and total < AUTO_SERIAL_BYTES:
+        logger.info("inputs are %.1f MiB (< %d MiB): preparing serially, faster than starting Ray",
+                    total / 2**20, AUTO_SERIAL_BYTES // 2**20)
+        yield SerialExecutor()
+        return
+    with ray_executor(workers, address) as executor:
+        yield executor
 
 
-def _count_train(raw_shards: list[Path], assigner: _SplitAssigner) -> dict[str, pl.DataFrame]:
-    mergers = {name: _CountMerger() for name in SPARSE}
-    for shard in raw_shards:
-        frame = assigner.with_split(pl.read_parquet(shard, columns=[_LINE, _ROW, *SPARSE]))
-        train = frame.filter(pl.col(_SPLIT) == 0)
-        for name, counts in zip(SPARSE, _chunk_counts(train)):
-            mergers[name].add(counts)
+# --------------------------------------------------------------------------- planning
+
+
+def _plan_units(inputs: list[Path], parallelism: int, range_bytes: int | None) -> list[steps.Unit]:
+    """Cut the inputs into units of whole lines: a gzip file is one unit (a deflate stream has no
+    seek points); a plain file larger than ``range_bytes`` is cut at line starts.
+
+    Serially (parallelism 1, no ``range_bytes``) every file is one unit, as it always was.
+    Units carry absolute paths: a Ray worker need not share the driver's working directory.
+    """
+    if range_bytes is None and parallelism > 1:
+        plain = sum(p.stat().st_size for p in inputs if not steps.is_gzip(p))
+        range_bytes = max(MIN_RANGE_BYTES, math.ceil(plain / (4 * parallelism)))
+    units: list[steps.Unit] = []
+    for file_index, path in enumerate(p.resolve() for p in inputs):
+        size = path.stat().st_size
+        if range_bytes is None or size <= range_bytes or steps.is_gzip(path):
+            units.append(steps.Unit(len(units), file_index, str(path)))
+            continue
+        cuts = {steps.line_start(path, k * range_bytes) for k in range(1, math.ceil(size / range_bytes))}
+        bounds = [0, *sorted(c for c in cuts if 0 < c < size), size]
+        for start, end in zip(bounds, bounds[1:]):
+            units.append(steps.Unit(len(units), file_index, str(path), start, end))
+    return units
+
+
+def _unit_bytes(unit: steps.Unit) -> int:
+    end = unit.end if unit.end is not None else Path(unit.path).stat().st_size
+    return end - unit.start
+
+
+@dataclass
+class _Parsed:
+    """The parse step's results put in global terms."""
+
+    rows_read: int
+    rows_kept: int
+    rows_malformed: int
+    first_malformed: list[MalformedLine]
+    shards: list[steps.ShardRef]
+
+
+def _globalise(
+    inputs: list[Path], units: list[steps.Unit], parsed: list[steps.ParsedUnit], max_reported: int
+) -> _Parsed:
+    """Prefix sums over units in input order give every unit its global line and kept-row offset,
+    and every reported line its number within its file (named as the caller gave it)."""
+    result = _Parsed(rows_read=0, rows_kept=0, rows_malformed=0, first_malformed=[], shards=[])
+    lines_in_file: dict[int, int] = {}
+    for unit, done in zip(units, parsed):
+        before = lines_in_file.get(unit.file, 0)
+        name = str(inputs[unit.file])
+        result.first_malformed += [MalformedLine(name, before + local + 1, why) for local, why in done.reported]
+        result.shards += [steps.ShardRef(s.path, s.rows, result.rows_read, result.rows_kept) for s in done.shards]
+        lines_in_file[unit.file] = before + done.lines
+        result.rows_read += done.lines
+        result.rows_kept += done.rows_kept
+        result.rows_malformed += done.rows_malformed
+    del result.first_malformed[max_reported:]
+    return result
+
+
+def _groups(shards: list[steps.ShardRef], parallelism: int) -> list[list[steps.ShardRef]]:
+    """Contiguous runs of raw shards, about 2 per worker and balanced by rows, as count/encode tasks.
+
+    Contiguous so that each group's rows occupy one contiguous range of every split.
+    """
+    if not shards:
+        return []
+    n = 1 if parallelism == 1 else min(len(shards), 2 * parallelism)
+    total = sum(s.rows for s in shards)
+    groups: list[list[steps.ShardRef]] = [[]]
+    done, target = 0, 1
+    for shard in shards:
+        if groups[-1] and done >= total * target / n:
+            groups.append([])
+            while done >= total * target / n:
+                target += 1
+        groups[-1].append(shard)
+        done += shard.rows
+    return groups
+
+
+# --------------------------------------------------------------------------- steps between tasks
+
+
+def _merge_counts(counted: list[steps.GroupCounts]) -> dict[str, pl.DataFrame]:
+    """Sum the groups' train counts per feature: the vocabularies see all of train, whatever the cut."""
+    mergers = {name: steps.CountMerger() for name in SPARSE}
+    for group in counted:
+        for name in SPARSE:
+            mergers[name].add(group.counts[name])
     return {name: merger.result() for name, merger in mergers.items()}
 
 
+def _split_starts(counted: list[steps.GroupCounts]) -> tuple[list[tuple[int, int, int]], tuple[int, int, int]]:
+    """Each group's first global position in every split, and the split sizes."""
+    starts = []
+    position = [0, 0, 0]
+    for group in counted:
+        starts.append((position[0], position[1], position[2]))
+        for rows in group.split_rows:
+            position = [p + r for p, r in zip(position, rows)]
+    return starts, (position[0], position[1], position[2])
+
+
 def _write_vocabs(vocabs: dict[str, pl.DataFrame], vocab_dir: Path) -> None:
-    vocab_dir.mkdir()
     for name, vocab in vocabs.items():
         vocab.write_parquet(vocab_dir / f"{name}.parquet", compression="zstd")
 
 
-def _pass_two(
-    raw_shards: list[Path], assigner: _SplitAssigner, vocabs: dict[str, pl.DataFrame], stage: Path, shard_rows: int
+def _write_shards(
+    executor: Executor,
+    groups: list[list[steps.ShardRef]],
+    counted: list[steps.GroupCounts],
+    config: PrepareConfig,
+    rows_kept: int,
+    stage: Path,
+    progress: bool,
 ) -> dict[str, int]:
-    writers = {name: _ShardWriter(stage / name, shard_rows) for name in SPLITS}
-    schema = _final_schema()
-    for shard in raw_shards:
-        frame = _map_ids(assigner.with_split(pl.read_parquet(shard)), vocabs)
-        for split_id, name in enumerate(SPLITS):
-            writers[name].add(frame.filter(pl.col(_SPLIT) == split_id).select(schema.names()))
-    for writer in writers.values():
-        writer.close(schema)
-    return {name: writer.rows for name, writer in writers.items()}
+    """Encode every group, stitch the shards that span groups, give empty splits their empty shard."""
+    starts, totals = _split_starts(counted)
+    calls = [(group, config, rows_kept, str(stage), start, totals) for group, start in zip(groups, starts)]
+    left = executor.map("criteo: encode", steps.encode_group, calls, [sum(s.rows for s in g) for g in groups],
+                        progress=progress)
+    to_stitch = sorted({piece for pieces in left for piece in pieces}, key=lambda p: (SPLITS.index(p[0]), p[1]))
+    size = dict(zip(SPLITS, totals))
+    rows = [min(config.shard_rows, size[split] - shard * config.shard_rows) for split, shard in to_stitch]
+    if to_stitch:
+        calls = [(str(stage), split, shard, n, config.shard_rows) for (split, shard), n in zip(to_stitch, rows)]
+        executor.map("criteo: stitch", steps.stitch_shard, calls, rows, progress=progress)
+    for split, n in size.items():
+        if n == 0:
+            steps.write_empty_part(stage, split, config.shard_rows)
+    return size
+
+
+# --------------------------------------------------------------------------- manifest / publish
 
 
 def _input_record(path: Path) -> dict[str, Any]:
@@ -529,7 +326,7 @@ def _input_record(path: Path) -> dict[str, Any]:
 def _manifest(
     paths: list[Path],
     config: PrepareConfig,
-    state: _PassOneResult,
+    parsed: _Parsed,
     rows_per_split: dict[str, int],
     vocabs: dict[str, pl.DataFrame],
     train_counts: dict[str, pl.DataFrame],
@@ -545,11 +342,11 @@ def _manifest(
         "inputs": [_input_record(p) for p in paths],
         "config": dataclasses.asdict(config),
         "split_key": "random: hash(seed, global 0-based line index incl. malformed); ordered: kept-row index",
-        "rows_read": state.rows_read,
-        "rows_kept": state.rows_kept,
+        "rows_read": parsed.rows_read,
+        "rows_kept": parsed.rows_kept,
         "rows_per_split": rows_per_split,
-        "rows_malformed": state.rows_malformed,
-        "first_malformed": [dataclasses.asdict(m) for m in state.first_malformed],
+        "rows_malformed": parsed.rows_malformed,
+        "first_malformed": [dataclasses.asdict(m) for m in parsed.first_malformed],
         "label": LABEL,
         "dense": DENSE,
         "dense_transform": "log1p(max(x, 0)), empty -> 0",
@@ -560,9 +357,52 @@ def _manifest(
 
 def _publish(stage: Path, out_dir: Path) -> None:
     """Move the finished pieces into out_dir, manifest last: without it the dir never reads as prepared."""
-    for name in (*SPLITS, "vocab"):
+    for name in (*SPLITS, steps.VOCAB_DIR):
         (stage / name).rename(out_dir / name)
     (stage / MANIFEST).rename(out_dir / MANIFEST)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare(
+    inputs: list[Path],
+    out: Path,
+    config: PrepareConfig,
+    executor: Executor,
+    progress: bool,
+    range_bytes: int | None,
+) -> tuple[_Parsed, dict[str, int], dict[str, pl.DataFrame]]:
+    """All steps inside a stage dir that is published at the end and removed whatever happens."""
+    stage = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out.resolve()))  # absolute: tasks may run elsewhere
+    try:
+        # Tasks only ever create files, never directories: a task that outlives a failed prepare
+        # then fails instead of re-creating the stage dir that was just removed.
+        for name in (steps.RAW_DIR, steps.PIECES_DIR, steps.VOCAB_DIR, *SPLITS):
+            (stage / name).mkdir()
+        units = _plan_units(inputs, executor.parallelism, range_bytes)
+        parsed_units = executor.map("criteo: parse", steps.parse_unit, [(u, config, str(stage)) for u in units],
+                                    [_unit_bytes(u) for u in units], unit="B", progress=progress)
+        parsed = _globalise(inputs, units, parsed_units, config.max_reported)
+        for bad in parsed.first_malformed:
+            logger.warning("skipping malformed line %s:%d: %s", bad.file, bad.line, bad.reason)
+
+        groups = _groups(parsed.shards, executor.parallelism)
+        counted = executor.map("criteo: count", steps.count_group, [(g, config, parsed.rows_kept) for g in groups],
+                               [sum(s.rows for s in g) for g in groups], progress=progress)
+        train_counts = _merge_counts(counted)
+        vocabs = {name: steps.build_vocab(train_counts[name], config.min_count) for name in SPARSE}
+        _write_vocabs(vocabs, stage / steps.VOCAB_DIR)
+        rows_per_split = _write_shards(executor, groups, counted, config, parsed.rows_kept, stage, progress)
+
+        shutil.rmtree(stage / steps.RAW_DIR)
+        shutil.rmtree(stage / steps.PIECES_DIR)
+        manifest = _manifest(inputs, config, parsed, rows_per_split, vocabs, train_counts)
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return parsed, rows_per_split, vocabs
 
 
 def prepare_criteo(
@@ -570,6 +410,10 @@ def prepare_criteo(
     out_dir: str | Path,
     config: PrepareConfig = PrepareConfig(),
     progress: bool = True,
+    *,
+    workers: int | None = 1,
+    address: str | None = None,
+    range_bytes: int | None = None,
 ) -> PrepareReport:
     """Parse, validate, split, build train vocabularies and write id-encoded parquet shards.
 
@@ -577,67 +421,32 @@ def prepare_criteo(
     the end (and removed on failure), so an interrupted prepare never leaves a
     directory that `read_manifest` would accept. Malformed lines are skipped
     and counted, never fatal.
+
+    Execution (never changes a byte of the output): ``workers`` 0 or 1 runs everything in this
+    process; ``workers`` > 1 runs the steps as Ray tasks, at most ``workers`` at a time;
+    ``workers=None`` uses all CPUs of the Ray in use, but prepares inputs smaller than
+    `AUTO_SERIAL_BYTES` serially. An initialised Ray is reused; otherwise one is started on
+    ``address`` or locally, and shut down at the end. ``range_bytes`` overrides the size of the
+    byte ranges plain files are cut into (by default only with Ray: about a quarter of the
+    plain bytes per worker, at least 8 MiB); gzip files are always one task each.
     """
     start = time.perf_counter()
     inputs = _check_inputs(paths)
+    _check_execution(workers, range_bytes)
     out = Path(out_dir)
     _check_out_dir(out)
-    stage = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
-    try:
-        state = _pass_one(inputs, config, stage / "raw", progress)
-        assigner = _SplitAssigner(config, state.rows_kept)
-        train_counts = _count_train(state.raw_shards, assigner)
-        vocabs = {name: _build_vocab(train_counts[name], config.min_count) for name in SPARSE}
-        _write_vocabs(vocabs, stage / "vocab")
-        rows_per_split = _pass_two(state.raw_shards, assigner, vocabs, stage, config.shard_rows)
-        shutil.rmtree(stage / "raw")
-        manifest = _manifest(inputs, config, state, rows_per_split, vocabs, train_counts)
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with _executor(inputs, workers, address) as executor:
+        parsed, rows_per_split, vocabs = _prepare(inputs, out, config, executor, progress, range_bytes)
     report = PrepareReport(
-        rows_read=state.rows_read,
-        rows_kept=state.rows_kept,
-        rows_malformed=state.rows_malformed,
+        rows_read=parsed.rows_read,
+        rows_kept=parsed.rows_kept,
+        rows_malformed=parsed.rows_malformed,
         rows_per_split=rows_per_split,
-        first_malformed=state.first_malformed,
+        first_malformed=parsed.first_malformed,
         cardinalities={name: vocab.height for name, vocab in vocabs.items()},
         seconds=time.perf_counter() - start,
         out_dir=str(out),
+        execution=executor.describe(),
     )
     logger.info("prepared %s: %d rows kept, %d malformed", out, report.rows_kept, report.rows_malformed)
     return report
-
-
-# --------------------------------------------------------------------------- reading prepared dirs
-
-
-def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dir; fails loudly (naming the path) on anything else, incl. a half-written dir."""
-    path = Path(prepared_dir) / MANIFEST
-    if not path.is_file():
-        raise NotPreparedError(
-            f"{prepared_dir} is not a prepared Criteo dir: {path} not found (run prepare_criteo to create one)"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise NotPreparedError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise NotPreparedError(f"{path} is not a {FORMAT!r} manifest")
-    if manifest.get("version") != VERSION:
-        raise NotPreparedError(f"{path} has version {manifest.get('version')!r}, this code reads version {VERSION}")
-    return manifest
-
-
-def load_counts(prepared_dir: str | Path, feature: str) -> np.ndarray:
-    """Train count per id (int64, length num_embeddings); frequency-aware compression methods start from this."""
-    manifest = read_manifest(prepared_dir)
-    known = {f["name"]: f["num_embeddings"] for f in manifest["features"]}
-    if feature not in known:
-        raise KeyError(f"unknown feature {feature!r}; {prepared_dir} has {', '.join(known)}")
-    vocab = pl.read_parquet(Path(prepared_dir) / "vocab" / f"{feature}.parquet", columns=["id", "count"])
-    counts = np.zeros(known[feature], dtype=np.int64)
-    counts[vocab["id"].to_numpy()] = vocab["count"].to_numpy()
-    return counts

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tablezip.pipelines import criteo
+from tablezip.pipelines import criteo, criteo_steps
 from tablezip.pipelines.criteo import (
     DENSE,
     SPARSE,
@@ -375,7 +375,7 @@ def test_failed_prepare_leaves_nothing_that_looks_prepared(tmp_path: Path, monke
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(criteo, "_pass_two", boom)
+    monkeypatch.setattr(criteo_steps, "encode_group", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare(write_lines(tmp_path / "in.tsv", numbered_lines(5)), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
