@@ -43,11 +43,15 @@ def bag_chunks(lengths: np.ndarray, chunk: int = CHUNK_IDS) -> list[tuple[int, i
     """Ranges of bags holding about ``chunk`` ids + bags each (a bag costs an output row even
     when empty); at least one bag per range."""
     batch = lengths.shape[1]
-    cost = np.cumsum(lengths.sum(axis=0, dtype=np.int64) + 1)
+    per_bag = lengths.sum(axis=0, dtype=np.int64) + 1
+    cost = np.cumsum(per_bag)
     if batch == 0 or cost[-1] <= chunk:
         return [(0, batch)]
     cuts = np.searchsorted(cost, np.arange(chunk, cost[-1], chunk), side="right")
-    bounds = np.unique(np.concatenate([[0], cuts, [batch]]))
+    # A bag bigger than a chunk gets a range of its own; every other range then starts past the
+    # previous grid line minus one bag, so it holds at most two chunks.
+    big = np.flatnonzero(per_bag > chunk)
+    bounds = np.unique(np.concatenate([[0], cuts, big, big + 1, [batch]]))
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
