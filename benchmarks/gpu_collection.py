@@ -5,8 +5,12 @@ on ``cuda`` gives the same vectors and the same fused-optimizer step as the CPU 
 same weights, then times forward and forward+backward of Full and Hash (10x) against torchrec's
 EmbeddingBagCollection and one nn.EmbeddingBag per table, plus the device-to-device copy
 bandwidth measured in the same run (the hardware ceiling a lookup-bound kernel is judged by).
+Hybrid and Pruned (10x) are timed in tablezip only. Every compressed variant is also timed with
+``batch_transforms = False`` ("per-feature transforms": each feature's own id transform, the code
+before issue 6), so one run gives the before and after of batching the transforms.
 
     python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
+    python benchmarks/gpu_collection.py --out DIR --device cpu --rows 1000 --batch 64   # smoke test
 """
 from __future__ import annotations
 
@@ -23,10 +27,15 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_info, time_cuda_fn  # noqa: E402
+from harness import env_info, time_cuda_fn, time_fn  # noqa: E402
 
-from tablezip.compress import Hash, full_bytes, hash_ids, hash_methods_for_budget  # noqa: E402
-from tablezip.compress.full import oov_rows  # noqa: E402
+from tablezip.compress import (  # noqa: E402
+    Hash,
+    full_bytes,
+    hash_methods_for_budget,
+    hybrid_methods_for_budget,
+    pruned_methods_for_budget,
+)
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -61,7 +70,18 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * src.numel() * 4 / (t["median_ms"] / 1e3) / 1e9
 
 
-def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int) -> list[dict[str, Any]]:
+def timer(device: torch.device):
+    """CUDA events on a GPU; the CPU harness timer for the smoke test."""
+    if device.type == "cuda":
+        return time_cuda_fn
+    return lambda fn: time_fn(fn, warmup=2, repeats=5, min_seconds=0.05)
+
+
+VARIANTS = ("full", "hash-10x", "hybrid-10x", "pruned-10x")
+FITTERS = {"hash-10x": hash_methods_for_budget, "hybrid-10x": hybrid_methods_for_budget, "pruned-10x": pruned_methods_for_budget}
+
+
+def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, variants: tuple[str, ...] = VARIANTS) -> list[dict[str, Any]]:
     features = [FeatureSpec(f"f{i}", rows) for i in range(tables)]
     names = [f.name for f in features]
     g = torch.Generator(device=device).manual_seed(0)
@@ -70,11 +90,9 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int) ->
     per_feature = values.view(tables, batch)
     offsets = torch.arange(batch, device=device)
     records = []
-    variants = {
-        "full": None,
-        "hash-10x": hash_methods_for_budget(features, dim, full_bytes(features, dim) // 10),
-    }
-    for variant, methods in variants.items():
+    timed = timer(device)
+    for variant in variants:
+        methods = FITTERS[variant](features, dim, full_bytes(features, dim) // 10) if variant in FITTERS else None
         coll = CompressedEmbeddingBagCollection(features, dim, methods, device=device)
         specs = coll.table_specs()
         transforms = [coll.layouts[n].transform for n in names]
@@ -102,18 +120,29 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int) ->
                     opt.zero_grad(set_to_none=True)
             return step
 
-        cases = {
-            "tablezip TBE": (lambda: coll(kjt).values(), None),
-            "torchrec EBC": (lambda: ebc(remapped()).values(), opt_ebc),
-            "nn.EmbeddingBag loop": (loop_forward, opt_bags),
-        }
+        def per_feature_forward() -> torch.Tensor:
+            coll.batch_transforms = False
+            try:
+                return coll(kjt).values()
+            finally:
+                coll.batch_transforms = True
+
+        with torch.no_grad():  # the two transform paths are bit-identical (tests); check it here too
+            same = bool(torch.equal(coll(kjt).values(), per_feature_forward()))
+        cases = {"tablezip TBE": (lambda: coll(kjt).values(), None)}
+        if variant != "full":
+            cases["tablezip TBE, per-feature transforms"] = (per_feature_forward, None)
+        if variant in ("full", "hash-10x"):  # -1 rows of pruned ids are not valid EBC input
+            cases["torchrec EBC"] = (lambda: ebc(remapped()).values(), opt_ebc)
+            cases["nn.EmbeddingBag loop"] = (loop_forward, opt_bags)
         for impl, (fwd, opt) in cases.items():
             with torch.no_grad():
-                f = time_cuda_fn(fwd)
-            t = time_cuda_fn(train(fwd, opt))
+                f = timed(fwd)
+            t = timed(train(fwd, opt))
             looked_up = tables * batch
             records.append({
                 "variant": variant, "impl": impl, "tables": tables, "rows": rows, "dim": dim, "batch": batch,
+                "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
                 "bytes": coll.memory_bytes(), "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"],
                 "train_ms": t["median_ms"], "train_p90_ms": t["p90_ms"],
                 "fwd_rows_per_s": looked_up / (f["median_ms"] / 1e3),
@@ -132,21 +161,26 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script (no parity, no bandwidth)")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
     result = {
-        "env": {**env_info(), "gpu": torch.cuda.get_device_name(0)},
-        "parity": parity(device),
-        "copy_GBps": copy_bandwidth(device),
-        "speed": speed(device, args.tables, args.rows, args.dim, args.batch),
+        "env": {**env_info(), "gpu": torch.cuda.get_device_name(0) if on_cuda else "none (cpu smoke test)"},
+        "parity": parity(device) if on_cuda else {},
+        "copy_GBps": copy_bandwidth(device) if on_cuda else float("nan"),
+        "speed": speed(device, args.tables, args.rows, args.dim, args.batch, tuple(v for v in args.variants.split(",") if v)),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_collection.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"GPU: {result['env']['gpu']}; copy bandwidth {result['copy_GBps']:.0f} GB/s", "",
              f"parity (max abs err CPU vs CUDA): {json.dumps(result['parity'])}", "",
-             "| variant | impl | fwd ms | fwd+bwd(+step) ms | fwd G rows/s | fwd GB/s | % of copy BW |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| variant | impl | fwd ms | fwd+bwd(+step) ms | fwd G rows/s | fwd GB/s | % of copy BW | batched == per-feature |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["speed"]:
-        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['train_ms']:.3f} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | {100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% |")
+        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['train_ms']:.3f} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
+                     f"{100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% | {r['batched_equals_per_feature']} |")
     (args.out / "gpu_collection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

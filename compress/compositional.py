@@ -32,16 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
-from .full import Full, oov_rows
+from .full import Full, batch_oov_rows, oov_rows
 
 OPS = ("mult", "add", "concat")
 MAX_PARTITIONS = 16
@@ -200,6 +200,26 @@ class CompositionalLayout(FeatureLayout):
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return compositional_rows(ids, self.feature.num_embeddings, self.partitions)
+
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), len(self.partitions))
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """``mixed_radix_digits`` of every id of every feature with ``k`` partitions at once,
+        each id with its own feature's radices (plain ints where all features agree)."""
+        comp = cast(Sequence[CompositionalLayout], layouts)
+        ids = batch_oov_rows(layouts, batch)
+        digits: list[torch.Tensor] = []
+        strides = [1] * len(comp)
+        for j in range(len(comp[0].partitions) - 1, 0, -1):
+            stride = batch.constant(strides)
+            shifted = ids if isinstance(stride, int) and stride == 1 else ids // stride
+            digits.append(shifted % batch.constant([l.partitions[j] for l in comp]))
+            strides = [s * l.partitions[j] for s, l in zip(strides, comp)]
+        digits.append(ids // batch.constant(strides))
+        return batch.split_slots(digits[::-1])
 
     def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         if self.op == "concat":

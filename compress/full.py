@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 
 @dataclass(frozen=True)
@@ -22,12 +23,24 @@ def oov_rows(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
     return torch.where(known, ids, torch.full_like(ids, num_embeddings))
 
 
+def batch_oov_rows(layouts: Sequence[FeatureLayout], batch: IdBatch) -> torch.Tensor:
+    """``oov_rows`` of every id of the batch, each against its own feature's ``num_embeddings``:
+    one compare-and-select over the ids of all features."""
+    n = batch.constant([layout.feature.num_embeddings for layout in layouts])
+    ids = batch.ids
+    return torch.where((ids >= 0) & (ids < n), ids, n)
+
+
 class FullLayout(FeatureLayout):
     def tables(self) -> list[TableSpec]:
         return [TableSpec(self.feature.num_embeddings + 1, self.dim)]
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [oov_rows(ids, self.feature.num_embeddings)]
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        return batch.split_slots([batch_oov_rows(layouts, batch)])
 
 
 register(Full, FullLayout)

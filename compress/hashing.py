@@ -6,12 +6,12 @@ the same id, seed and row count give the same row on any machine, in training an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
 from .full import Full
@@ -45,6 +45,30 @@ def hash_ids(ids: torch.Tensor, rows: int, seed: int = 0) -> torch.Tensor:
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     return _shr(mix64(ids.to(torch.int64), seed), 1) % rows
+
+
+def seed_mix(seed: int) -> int:
+    """The int64 that ``mix64`` xors into every id for ``seed``."""
+    return _signed64(seed * _GOLDEN)
+
+
+def hash_rows(ids: torch.Tensor, rows: int | torch.Tensor, mixed_seed: int | torch.Tensor) -> torch.Tensor:
+    """``hash_ids`` of int64 ``ids`` with the seed already mixed (``seed_mix``), either operand
+    given per id (an int64 tensor shaped like ``ids``) or shared (an int): one call hashes the
+    ids of many features, each with its own rows and seed, to exactly ``hash_ids``' rows.
+
+    The same wrapping int64 maths as ``mix64``, in place on two buffers: on a CPU the hash of a
+    large batch is bound by memory traffic, and every out-of-place step would allocate (and
+    fault in) a fresh tensor. ``hash_ids`` stays the plain reference it is tested against."""
+    z = ids ^ mixed_seed
+    shifted = torch.empty_like(z)
+    for bits, multiplier in ((30, _signed64(_MIX1)), (27, _signed64(_MIX2)), (31, None)):
+        torch.bitwise_right_shift(z, bits, out=shifted).bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(shifted)
+        if multiplier is not None:
+            z.mul_(multiplier)
+    torch.bitwise_right_shift(z, 1, out=shifted).bitwise_and_((1 << 63) - 1)
+    return shifted.remainder_(rows)
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,14 @@ class HashLayout(FeatureLayout):
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [hash_ids(ids, self.rows, self.seed)]
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """One splitmix64 over the ids of every hashed feature (each its own rows and seed)."""
+        hashed = cast(Sequence[HashLayout], layouts)
+        rows = batch.constant([l.rows for l in hashed])
+        seeds = batch.constant([seed_mix(l.seed) for l in hashed])
+        return batch.split_slots([hash_rows(batch.ids, rows, seeds)])
 
 
 register(Hash, HashLayout)

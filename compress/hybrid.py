@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full
-from .hashing import hash_ids, hash_methods_for_budget
+from .hashing import hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 _SEED_LIMIT = 2**63
 
@@ -140,6 +140,31 @@ class HybridLayout(FeatureLayout):
         else:
             hot_rows = prefix_hot_rows(ids, self.hot)
         return [hybrid_rows(ids, hot_rows, self.hot, self.cold_rows, self.seed)]
+
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), self.uses_remap)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """One hot test and one splitmix64 over the ids of every hybrid feature of the group.
+
+        Prefix features: an id is hot iff it lies in ``[0, hot)``. Remapped features: each one's
+        own remap is gathered (one gather per feature, no copy of the arrays), the rest is batched.
+        Cold ids land at ``hot + hash``, as in ``hybrid_rows``."""
+        hybrid = cast(Sequence[HybridLayout], layouts)
+        ids = batch.ids
+        hot = batch.constant([l.hot for l in hybrid])
+        cold = hash_rows(ids, batch.constant([l.cold_rows for l in hybrid]), batch.constant([seed_mix(l.seed) for l in hybrid]))
+        if hybrid[0].uses_remap:
+            n = batch.constant([l.remap.numel() for l in hybrid])
+            known = (ids >= 0) & (ids < n)
+            hot_rows = batch.gather([l.remap for l in hybrid], torch.where(known, ids, 0)).to(torch.int64)
+            hot_rows = torch.where(known, hot_rows, -1)
+            rows = torch.where(hot_rows >= 0, hot_rows, cold + hot)
+        else:
+            rows = torch.where((ids >= 0) & (ids < hot), ids, cold + hot)
+        return batch.split_slots([rows])
 
 
 register(Hybrid, HybridLayout)

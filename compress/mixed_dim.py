@@ -27,16 +27,16 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
-from .full import Full, oov_rows
+from .full import Full, batch_oov_rows, oov_rows
 
 ALIGN = 4  # fbgemm TBE rows must be a multiple of 4 floats wide
 DEFAULT_BLOCKS = 4
@@ -376,6 +376,25 @@ class MixedDimLayout(FeatureLayout):
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         ranks = id_ranks(ids, self.feature.num_embeddings, self.remap)
         return list(block_rows(ranks, self.starts, self.row_counts).unbind(0))
+
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), len(self.dims), self.remap is not None)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """Ranks of every id at once (one gather per feature where ranks need a remap), then one
+        in-block test per block over all features' ids, as ``block_rows`` does per feature."""
+        mixed = cast(Sequence[MixedDimLayout], layouts)
+        ranks = batch_oov_rows(layouts, batch)
+        if mixed[0].remap is not None:
+            ranks = batch.gather([l.remap for l in mixed], ranks).to(torch.int64)
+        slots = []
+        for block in range(len(mixed[0].dims)):
+            local = ranks - batch.constant([sum(l.sizes[:block]) for l in mixed])
+            inside = (local >= 0) & (local < batch.constant([l._rows[block] for l in mixed]))
+            slots.append(torch.where(inside, local, -1))
+        return batch.split_slots(slots)
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """``sum_i P_i(pooled_i)``. The pooled blocks are strided views of the TBE output; the

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, cast
 
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full
-from .hashing import Hash, hash_ids, hash_methods_for_budget
+from .hashing import Hash, hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 MAX_PROBES = 16
 # Per-probe seeds are ``seed * MAX_PROBES + probe``: distinct (seed, probe) pairs never share a
@@ -81,6 +81,20 @@ class MultiHashLayout(FeatureLayout):
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return multihash_rows(ids, self.rows, self.probes, self.seed)
+
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), self.probes)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """One splitmix64 per probe over the ids of every feature with that many probes."""
+        multi = cast(Sequence[MultiHashLayout], layouts)
+        rows = batch.constant([l.rows for l in multi])
+        return batch.split_slots([
+            hash_rows(batch.ids, rows, batch.constant([seed_mix(probe_seed(l.seed, p)) for l in multi]))
+            for p in range(multi[0].probes)
+        ])
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         out = pooled[0]

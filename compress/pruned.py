@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
-from .full import Full, oov_rows
+from .full import Full, batch_oov_rows, oov_rows
 
 if TYPE_CHECKING:
     from tablezip.embeddings.collection import CompressedEmbeddingBagCollection
@@ -208,6 +208,25 @@ class PrunedLayout(FeatureLayout):
             rows = rows.masked_fill(rows < 0, self.keep)
         return [rows]
 
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), self.uses_remap, self.default)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """The OOV mapping of every id at once, then one compare (prefix) or one gather per
+        feature from its own remap (no copy of the arrays); the default row fill at once."""
+        pruned = cast(Sequence[PrunedLayout], layouts)
+        ids = batch_oov_rows(layouts, batch)  # [0, n]: the index pruned_rows' clamp reads too
+        keep = batch.constant([l.keep for l in pruned])
+        if pruned[0].uses_remap:
+            rows = batch.gather([l.remap for l in pruned], ids).to(torch.int64)
+            if pruned[0].default:
+                rows = torch.where(rows < 0, keep, rows)
+        else:
+            rows = torch.where(ids < keep, ids, keep if pruned[0].default else -1)
+        return batch.split_slots([rows])
+
 
 register(Pruned, PrunedLayout)
 
@@ -246,6 +265,10 @@ class LearnedThresholdLayout(FeatureLayout):
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return [oov_rows(ids, self.feature.num_embeddings)]
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        return batch.split_slots([batch_oov_rows(layouts, batch)])
 
     def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         (rows,) = parts

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, cast
 
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full
-from .hashing import hash_ids, hash_methods_for_budget
+from .hashing import hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 _SEED_LIMIT = 2**63
 
@@ -99,6 +99,21 @@ class UnifiedLayout(FeatureLayout):
 
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         return unified_rows(ids, self.rows, self.salts)
+
+    @property
+    def batch_group(self) -> Hashable:
+        return (type(self), self.chunks)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
+        """One splitmix64 per chunk over the ids of every feature with that many chunks, each id
+        salted by its own feature."""
+        unified = cast(Sequence[UnifiedLayout], layouts)
+        rows = batch.constant([l.rows for l in unified])
+        return batch.split_slots([
+            hash_rows(batch.ids, rows, batch.constant([seed_mix(l.salts[c]) for l in unified]))
+            for c in range(unified[0].chunks)
+        ])
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

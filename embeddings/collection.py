@@ -9,7 +9,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .features import FeatureSpec, Pooling
-from .registry import FeatureLayout, MethodConfig, TableSpec, build_layout
+from .registry import BatchCache, FeatureLayout, IdBatch, MethodConfig, TableSpec, build_layout, joined
 from .tbe import TableOptimizer, build_tbe, init_uniform_
 
 
@@ -51,6 +51,10 @@ class EmbeddingBagLookup(nn.Module):
             )
         )
         self._any_mean = any(f.pooling is Pooling.MEAN for f in features)
+        self._groups = _batch_groups(list(self.layouts.values()))
+        # False: every feature runs its own ``transform`` (the reference the batched path is
+        # tested against, and the "before" of benchmarks).
+        self.batch_transforms = True
 
     def tbe_feature_table_map(self) -> list[int]:
         """Table read by each TBE slot, in the order TBE sees the slots (see ``_plan``)."""
@@ -100,7 +104,7 @@ class EmbeddingBagLookup(nn.Module):
         lengths = kjt.lengths().view(len(self.features), batch)
         layouts = list(self.layouts.values())
         if self._passthrough:
-            indices = torch.cat([l.transform(v)[0] for l, v in zip(layouts, per_feature)])
+            indices = joined([rows[0] for rows in self.transform_ids(per_feature)])
             pooled = self.tbe(indices, kjt.offsets().to(torch.int64))
             if self._any_mean:
                 pooled = self._finish_mean(pooled.view(batch, len(layouts), self.dim), lengths).view(batch, -1)
@@ -116,18 +120,17 @@ class EmbeddingBagLookup(nn.Module):
         count for all slots, so shorter slots get trailing empty bags.
         """
         batch = lengths.shape[1]
+        all_rows = self.transform_ids(per_feature)
+        dropped = self._drop_missing(layouts, all_rows, lengths)
         rows_per_slot: list[torch.Tensor] = []
         lengths_per_slot: list[torch.Tensor] = []
-        for layout, ids, feature_lengths in zip(layouts, per_feature, lengths):
-            all_rows = layout.transform(ids)
-            if layout.pooled_in_tbe and layout.may_drop:
-                # One cumsum for all of the feature's slots instead of one per slot.
-                keep = torch.stack(all_rows) >= 0
-                for rows, kept, kept_lengths in zip(all_rows, keep, _kept_lengths(keep, feature_lengths)):
-                    rows_per_slot.append(rows[kept])
-                    lengths_per_slot.append(kept_lengths)
+        for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
+            if f in dropped:
+                kept_rows, kept_lengths = dropped[f]
+                rows_per_slot.extend(kept_rows)
+                lengths_per_slot.extend(kept_lengths)
                 continue
-            for rows in all_rows:
+            for rows in feature_rows:
                 if not layout.pooled_in_tbe:
                     lengths_per_slot.append(torch.ones_like(rows))
                 else:
@@ -135,9 +138,12 @@ class EmbeddingBagLookup(nn.Module):
                 rows_per_slot.append(rows)
         order = self._tbe_order
         bags = max([batch] + [l.numel() for l in lengths_per_slot])
-        padded = torch.zeros(len(lengths_per_slot), bags, dtype=torch.int64, device=lengths.device)
-        for i, s in enumerate(order):
-            padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
+        if all(l.numel() == batch for l in lengths_per_slot):  # one stack instead of a copy per slot
+            padded = torch.stack([lengths_per_slot[s] for s in order])
+        else:
+            padded = torch.zeros(len(lengths_per_slot), bags, dtype=torch.int64, device=lengths.device)
+            for i, s in enumerate(order):
+                padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
         offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(padded.view(-1), 0, out=offsets[1:])
         out = self.tbe(torch.cat([rows_per_slot[s] for s in order]), offsets)
@@ -161,6 +167,57 @@ class EmbeddingBagLookup(nn.Module):
                     vec = per_id.new_zeros(batch, per_id.shape[1]).index_add_(0, bag_of_id, per_id)
             vectors.append(feature.pooling.finish(vec, feature_lengths))
         return torch.cat(vectors, dim=1)
+
+    def transform_ids(self, per_feature: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Row ids of every feature's ids in each of its tables (``FeatureLayout.transform`` for
+        every feature), computed one batch group at a time: one ``transform_batch`` call per
+        group of features whose method maths can run at once (``FeatureLayout.batch_group``)."""
+        layouts = list(self.layouts.values())
+        if not self.batch_transforms:
+            return [layout.transform(ids) for layout, ids in zip(layouts, per_feature)]
+        out: list[list[torch.Tensor]] = [[] for _ in layouts]
+        for group in self._groups:
+            batch = IdBatch([per_feature[f] for f in group.features], group.cache)
+            for f, rows in zip(group.features, group.cls.transform_batch(group.layouts, batch)):
+                out[f] = rows
+        return out
+
+    def _drop_missing(
+        self, layouts: list[FeatureLayout], all_rows: list[list[torch.Tensor]], lengths: torch.Tensor
+    ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """feature -> (kept rows per slot, bag lengths per slot) of every feature whose ids may have
+        no row (``may_drop``): the -1 rows are removed and the bags shrink accordingly.
+
+        Batched per group: a group of layouts with the same number of slots is done with one
+        compare, one cumsum and one mask per slot for all of its features (on a GPU each mask
+        is a host sync; per feature that would be one per slot and feature)."""
+        out: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        droppers = {f for f, l in enumerate(layouts) if l.pooled_in_tbe and l.may_drop}
+        if not droppers:
+            return out
+        if self.batch_transforms:
+            groups = [[f for f in g.features if f in droppers] for g in self._groups]
+            groups = [g for g in groups if len(g) > 1 and len({len(all_rows[f]) for f in g}) == 1]
+        else:
+            groups = []
+        single = droppers - {f for g in groups for f in g}
+        for f in sorted(single):
+            # One cumsum for all of the feature's slots instead of one per slot.
+            keep = torch.stack(all_rows[f]) >= 0
+            kept_lengths = _kept_lengths(keep, lengths[f])
+            out[f] = ([rows[k] for rows, k in zip(all_rows[f], keep)], list(kept_lengths))
+        for group in groups:
+            slots = len(all_rows[group[0]])
+            flat = [joined([all_rows[f][s] for f in group]) for s in range(slots)]
+            keep = torch.stack([rows >= 0 for rows in flat]) if slots > 1 else (flat[0] >= 0).unsqueeze(0)
+            contiguous = group == list(range(group[0], group[-1] + 1))
+            group_lengths = lengths[group[0] : group[-1] + 1] if contiguous else torch.stack([lengths[f] for f in group])
+            kept_lengths = _kept_lengths(keep, group_lengths.reshape(-1)).view(slots, len(group), -1)
+            sizes = kept_lengths.sum(2).tolist()  # one host sync for the whole group
+            kept_rows = [torch.split(flat[s][keep[s]], sizes[s]) for s in range(slots)]
+            for j, f in enumerate(group):
+                out[f] = ([kept_rows[s][j] for s in range(slots)], [kept_lengths[s, j] for s in range(slots)])
+        return out
 
     @torch.no_grad()
     def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:
@@ -306,6 +363,23 @@ def _plan_tables(layouts: list[FeatureLayout]) -> tuple[list[TableSpec], list[in
             slot_table.append(index)
         feature_slots.append(slots)
     return tables, slot_table, feature_slots
+
+
+class _BatchGroup:
+    """Features (indices, in feature order) transformed by one ``transform_batch`` call."""
+
+    def __init__(self, features: list[int], layouts: list[FeatureLayout]) -> None:
+        self.features = features
+        self.layouts = layouts
+        self.cls = type(layouts[0])
+        self.cache = BatchCache()
+
+
+def _batch_groups(layouts: list[FeatureLayout]) -> list[_BatchGroup]:
+    by_key: dict[object, list[int]] = {}
+    for f, layout in enumerate(layouts):
+        by_key.setdefault(layout.batch_group, []).append(f)
+    return [_BatchGroup(features, [layouts[f] for f in features]) for features in by_key.values()]
 
 
 def _kept_lengths(keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

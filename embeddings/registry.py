@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Hashable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -58,6 +58,11 @@ class FeatureLayout(nn.Module):
 
     ``may_drop``: ``transform`` may return -1 for ids that have no row (pruned); they add nothing
     to their bag. Only for ``pooled_in_tbe`` layouts.
+
+    ``transform_batch``: the collection transforms all features of one ``batch_group`` with one
+    call, so a method can run its maths once over the concatenated ids of many features instead
+    of a few small ops per feature (on a GPU, hundreds of tiny kernel launches). ``transform``
+    stays the reference: a batched path must return exactly its rows.
     """
 
     pooled_in_tbe: ClassVar[bool] = True
@@ -75,6 +80,21 @@ class FeatureLayout(nn.Module):
     def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Logical ids (int64, any values) -> row ids in each of ``tables()``, all in range."""
         raise NotImplementedError
+
+    @property
+    def batch_group(self) -> Hashable:
+        """Layouts with equal keys are transformed by one ``transform_batch`` call of their class.
+
+        The class by default; a class whose batched maths differs between configs (a stored
+        remap or not, the number of slots) adds what tells them apart."""
+        return type(self)
+
+    @classmethod
+    def transform_batch(cls, layouts: Sequence["FeatureLayout"], batch: "IdBatch") -> list[list[torch.Tensor]]:
+        """``[layout.transform(ids) for each feature]`` for the layouts of one ``batch_group``,
+        ``batch`` holding their ids. Override to run the maths once over ``batch.ids`` (see
+        ``IdBatch``); this default, one ``transform`` per feature, keeps every method working."""
+        return [layout.transform(ids) for layout, ids in zip(layouts, batch.per_feature_ids)]
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         (only,) = pooled
@@ -98,6 +118,128 @@ class FeatureLayout(nn.Module):
     def extra_bytes(self) -> int:
         """Bytes this layout stores outside the TBE (projections, remap arrays, ...)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class BatchCache:
+    """What one batch group of a collection keeps between forwards for ``IdBatch``.
+
+    Per-feature constants (rows, seeds, ...) derive from frozen configs, so their small device
+    tensors are kept for good. Their per-id expansions depend on how many ids each feature has;
+    only the latest counts are kept, so a training loop with a fixed batch shape (one id per bag)
+    builds them once, and a loop with varying bags pays one small gather per constant and step.
+    """
+
+    def __init__(self) -> None:
+        self.small: dict[tuple, torch.Tensor] = {}
+        # (counts, device) -> {key: per-id tensor}; replaced as a whole, never mutated in place
+        # by another counts, so a reader always sees one consistent pair.
+        self.expanded: tuple[tuple, dict[Any, torch.Tensor]] = ((), {})
+
+    def per_id(self, counts: tuple[int, ...], device: torch.device) -> dict[Any, torch.Tensor]:
+        key = (counts, device)
+        if self.expanded[0] != key:
+            self.expanded = (key, {})
+        return self.expanded[1]
+
+
+class IdBatch:
+    """The ids of the features of one batch group, and the tools to transform them at once.
+
+    ``ids`` is the int64 concatenation of the features' ids (a view, without a copy, when they
+    already lie back to back, as the per-key slices of one ``KeyedJaggedTensor`` do). A batched
+    transform computes one flat row tensor per slot from ``ids`` and per-id parameters from
+    ``constant``, then ``split_slots`` hands each feature its part.
+    """
+
+    def __init__(self, ids_per_feature: Sequence[torch.Tensor], cache: BatchCache | None = None) -> None:
+        self.per_feature_ids = list(ids_per_feature)
+        self.counts = tuple(int(t.numel()) for t in self.per_feature_ids)
+        self._cache = cache if cache is not None else BatchCache()
+        self._ids: torch.Tensor | None = None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        if self._ids is None:
+            self._ids = joined(self.per_feature_ids).to(torch.int64)
+        return self._ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.per_feature_ids[0].device
+
+    def _per_id(self) -> dict[Any, torch.Tensor]:
+        return self._cache.per_id(self.counts, self.device)
+
+    def feature_index(self) -> torch.Tensor:
+        """[N]: position (in the group) of the feature each id belongs to."""
+        table = self._per_id()
+        index = table.get("feature")
+        if index is None:
+            features = torch.arange(len(self.counts), device=self.device)
+            if len(set(self.counts)) <= 1:
+                index = features.repeat_interleave(self.counts[0] if self.counts else 0)
+            else:
+                counts = torch.tensor(self.counts, dtype=torch.int64, device=self.device)
+                index = torch.repeat_interleave(features, counts, output_size=sum(self.counts))
+            table["feature"] = index
+        return index
+
+    def constant(self, values: Sequence[int]) -> int | torch.Tensor:
+        """One integer per feature, as an operand for maths over ``ids``: the plain int when all
+        features agree (a scalar operand, nothing to build), else an int64 tensor holding each
+        id's feature value. Cached (see ``BatchCache``)."""
+        key = tuple(int(v) for v in values)
+        if len(set(key)) == 1:
+            return key[0]
+        table = self._per_id()
+        per_id = table.get(key)
+        if per_id is None:
+            small_key = (key, self.device)
+            small = self._cache.small.get(small_key)
+            if small is None:
+                small = self._cache.small[small_key] = torch.tensor(key, dtype=torch.int64, device=self.device)
+            per_id = table[key] = small[self.feature_index()]
+        return per_id
+
+    def gather(self, arrays: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """``arrays[f][index]`` for the ids of each feature ``f`` (an in-range ``index`` per id),
+        written into one tensor: one gather per feature, because each feature keeps its own
+        array (a remap); concatenating them would keep a second copy of every array."""
+        out = torch.empty(index.shape, dtype=arrays[0].dtype, device=index.device)
+        if any(a.dtype != out.dtype for a in arrays):
+            return torch.cat([a[i] for a, i in zip(arrays, torch.split(index, self.counts))])
+        for array, part, target in zip(arrays, torch.split(index, self.counts), torch.split(out, self.counts)):
+            torch.index_select(array, 0, part, out=target)
+        return out
+
+    def split_slots(self, slots: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Per feature, its rows in each slot: ``slots`` are flat [N] row tensors, one per slot
+        (every layout of the group has the same slots); the parts are views."""
+        per_slot = [torch.split(rows, self.counts) for rows in slots]
+        return [[parts[f] for parts in per_slot] for f in range(len(self.counts))]
+
+
+def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` of 1-D tensors, but a view without a copy when the parts lie back to
+    back in the memory of the first one's storage (the slices that ``torch.split`` made)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    total = sum(int(p.numel()) for p in parts)
+    if total == 0 or any(p.dim() != 1 or p.dtype != first.dtype or p.device != first.device for p in parts):
+        return torch.cat(parts)
+    size = first.element_size()
+    pointer = first.data_ptr()
+    for p in parts:
+        if p.numel() > 1 and p.stride(0) != 1:
+            return torch.cat(parts)
+        if p.numel() and p.data_ptr() != pointer:
+            return torch.cat(parts)
+        pointer += p.numel() * size
+    offset = first.storage_offset()
+    if (offset + total) * size > first.untyped_storage().nbytes():
+        return torch.cat(parts)
+    return first.as_strided((total,), (1,), offset)
 
 
 C = TypeVar("C", bound=MethodConfig)
