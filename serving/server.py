@@ -59,6 +59,16 @@ class ServerConfig:
         Limits(self.max_ids)  # validates max_ids
 
 
+def _handler_thread_setup(torch_threads: int | None) -> None:
+    """Per-thread torch state for a handler thread, set once instead of per request.
+
+    Grad mode is per thread, and the intra-op thread count is set here as well so a handler
+    thread never depends on what the main thread configured."""
+    torch.set_grad_enabled(False)
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+
+
 class Server:
     """A running tablezip server over one artifact; use as a context manager or start()/stop()."""
 
@@ -71,8 +81,8 @@ class Server:
         self._health = health.HealthServicer()
         interceptors = [BearerTokenInterceptor(config.token, self.metrics)] if config.token else []
         self._server = grpc.server(
-            # Grad mode is per thread: off once per handler thread instead of a context per request.
-            futures.ThreadPoolExecutor(config.max_workers, "tablezip-rpc", initializer=torch.set_grad_enabled, initargs=(False,)),
+            futures.ThreadPoolExecutor(config.max_workers, "tablezip-rpc", initializer=_handler_thread_setup,
+                                       initargs=(config.torch_threads,)),
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
