@@ -36,7 +36,7 @@ from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
-from .full import Full, batch_oov_rows, oov_rows
+from .full import Full, FullLayout, batch_oov_rows, oov_rows
 
 if TYPE_CHECKING:
     from tablezip.embeddings.collection import CompressedEmbeddingBagCollection
@@ -251,7 +251,7 @@ class LearnedThreshold(MethodConfig):
             raise ValueError(f"LearnedThreshold.init must be a finite number, got {self.init!r}")
 
 
-class LearnedThresholdLayout(FeatureLayout):
+class LearnedThresholdLayout(FullLayout):
     # The step is not linear in the rows, so the mask needs each id's row before pooling.
     pooled_in_tbe = False
 
@@ -259,16 +259,6 @@ class LearnedThresholdLayout(FeatureLayout):
         super().__init__(feature, dim, config)
         # Shape [1], not a 0-d scalar: artifacts checksum tensors through a byte view.
         self.threshold = nn.Parameter(torch.full((1,), float(config.init), dtype=torch.float32))
-
-    def tables(self) -> list[TableSpec]:
-        return [TableSpec(self.feature.num_embeddings + 1, self.dim)]
-
-    def transform(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        return [oov_rows(ids, self.feature.num_embeddings)]
-
-    @classmethod
-    def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
-        return batch.split_slots([batch_oov_rows(layouts, batch)])
 
     def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         (rows,) = parts
