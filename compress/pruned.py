@@ -36,7 +36,7 @@ from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
-from .full import Full, FullLayout, batch_oov_rows, oov_rows
+from .full import Full, FullLayout, batch_oov_rows
 
 if TYPE_CHECKING:
     from tablezip.embeddings.collection import CompressedEmbeddingBagCollection
