@@ -154,6 +154,26 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
     return records
 
 
+def bag_sweep(device: torch.device, tables: int, rows: int, dim: int, batch: int, bag_lens: list[int]) -> list[dict[str, Any]]:
+    """Full's pooled forward with L uniform ids per bag: with one id per bag the kernel is bound
+    by latency and output writes; longer bags show how close it gets to the copy bandwidth."""
+    features = [FeatureSpec(f"f{i}", rows) for i in range(tables)]
+    coll = CompressedEmbeddingBagCollection(features, dim, None, device=device)
+    timed = timer(device)
+    g = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for length in bag_lens:
+        values = torch.randint(0, rows, (tables * batch * length,), device=device, generator=g)
+        lengths = torch.full((tables * batch,), length, dtype=torch.long, device=device)
+        kjt = KeyedJaggedTensor(keys=[f.name for f in features], values=values, lengths=lengths)
+        with torch.no_grad():
+            f = timed(lambda: coll(kjt).values())
+        moved = (tables * batch * length + tables * batch) * dim * 4  # rows read + pooled rows written
+        out.append({"bag_len": length, "batch": batch, "fwd_ms": f["median_ms"], "fwd_GBps": moved / (f["median_ms"] / 1e3) / 1e9})
+        del values, lengths, kjt
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -162,6 +182,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batch", type=int, default=65536)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--bag-lens", default="1,4,16,32", help="Full's bandwidth sweep over ids per bag ('' to skip)")
+    parser.add_argument("--sweep-batch", type=int, default=16384, help="bags per table in the bandwidth sweep")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script (no parity, no bandwidth)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,16 +193,23 @@ def main() -> None:
         "parity": parity(device) if on_cuda else {},
         "copy_GBps": copy_bandwidth(device) if on_cuda else float("nan"),
         "speed": speed(device, args.tables, args.rows, args.dim, args.batch, tuple(v for v in args.variants.split(",") if v)),
+        "bag_sweep": bag_sweep(device, args.tables, args.rows, args.dim, args.sweep_batch, [int(x) for x in args.bag_lens.split(",") if x]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_collection.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"GPU: {result['env']['gpu']}; copy bandwidth {result['copy_GBps']:.0f} GB/s", "",
+    lines = [f"# Collection on {result['env']['gpu']}: {args.tables} tables x {args.rows:,} rows, D={args.dim}, B={args.batch:,}", "",
+             f"`{result['env']['command']}` at commit {result['env']['git_commit'][:10]}; medians of CUDA-event timings.", "",
+             f"GPU: {result['env']['gpu']}; copy bandwidth {result['copy_GBps']:.0f} GB/s", "",
              f"parity (max abs err CPU vs CUDA): {json.dumps(result['parity'])}", "",
              "| variant | impl | fwd ms | fwd+bwd(+step) ms | fwd G rows/s | fwd GB/s | % of copy BW | batched == per-feature |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result["speed"]:
         lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['train_ms']:.3f} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
                      f"{100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% | {r['batched_equals_per_feature']} |")
+    lines += ["", f"Full, uniform ids, {args.sweep_batch} bags per table, L ids per bag (bytes = rows read + pooled rows written):", "",
+              "| L | fwd ms | GB/s | % of copy BW |", "|---:|---:|---:|---:|"]
+    for r in result["bag_sweep"]:
+        lines.append(f"| {r['bag_len']} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | {100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% |")
     (args.out / "gpu_collection.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
