@@ -22,8 +22,12 @@ CHUNK_IDS = 1 << 16
 Check = Callable[[str], None]
 
 
-def read_vectors(reader: Reader, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS) -> torch.Tensor:
-    """[N, D] unpooled vectors of ``ids`` (int64, validated)."""
+def read_vectors(reader: Reader, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS) -> torch.Tensor | np.ndarray:
+    """[N, D] unpooled vectors of ``ids`` (int64, validated): a numpy array from a reader's
+    numpy path (one-table Full features, requests up to one chunk), else a tensor."""
+    if ids.size <= chunk and getattr(reader, "numpy_table", None) is not None:
+        check("the lookup")
+        return reader.read_numpy(ids)  # type: ignore[attr-defined]
     all_ids = torch.from_numpy(ids)
     if ids.size <= chunk:
         check("the lookup")

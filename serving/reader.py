@@ -15,6 +15,13 @@ Nothing here is trusted blindly: ``build_readers`` compares every reader with
 ``module.lookup`` bit for bit on probe ids (known, boundary, out-of-vocabulary, huge) when a
 model loads, and a feature whose reader disagrees, or a model that is not a float32
 ``CompressedEmbeddingBagCollection`` (e.g. quantized tables), is served by ``module.lookup``.
+
+One-table Full features with sum pooling also read through numpy (``read_numpy``: one
+``take`` on a numpy view of the table, checked against ``lookup`` on the same probe ids). In
+the server a request arrives at a cold core (idle, or just running the client or grpc), and there
+each torch op's dispatch costs several times what it does in a loop: the torch chain took
+~115 us of CPU per 512-id request in the server against ~15 us in a loop, the numpy gather ~21 us
+(benchmarks/NOTES.md, "Serving").
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tablezip.compress.full import FullLayout
 from tablezip.embeddings import CompressedEmbeddingBagCollection, Pooling
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,26 @@ class TableRowReader:
         self.pooling = next(f.pooling for f in collection.features if f.name == name)
         # Served tables never change, so the -0.0 fix is only paid by tables that hold one.
         self.negative_zero = [_has_negative_zero(t) for t in self.tables]
+        # One-table Full features (the common case) also get a numpy path: one gather on a
+        # numpy view of the table instead of a chain of torch ops (see ``read_numpy``).
+        self.numpy_table: np.ndarray | None = None
+        self.num_embeddings = next(f.num_embeddings for f in collection.features if f.name == name)
+        if type(self.layout) is FullLayout and len(self.tables) == 1 and self.pooling is Pooling.SUM:
+            table = self.tables[0].detach()
+            if table.dtype == torch.float32 and table.is_contiguous() and table.device.type == "cpu":
+                self.numpy_table = table.numpy()
+
+    def read_numpy(self, ids: np.ndarray) -> np.ndarray:
+        """``ids`` (int64 numpy) -> [N, D] float32 numpy, the same bits as ``self(ids)``; only
+        where ``numpy_table`` is set. Full's OOV rule in one op: viewed as uint64, a negative id
+        is >= 2**63, so ``min(id, num_embeddings)`` sends it and every id >= num_embeddings to
+        the OOV row."""
+        assert self.numpy_table is not None
+        rows = np.minimum(ids.view(np.uint64), self.num_embeddings).view(np.int64)
+        out = self.numpy_table.take(rows, axis=0)
+        if self.negative_zero[0]:
+            out += 0.0  # TBE sums into zeros: -0.0 -> +0.0
+        return out
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # server threads run with grad off: no context per request
@@ -97,6 +125,9 @@ def build_readers(module: torch.nn.Module, table_dtype: str) -> dict[str, Reader
         expected = module.lookup(feature.name, probe)
         got = fast(probe)
         if got.shape == expected.shape and got.dtype == expected.dtype and torch.equal(_bits(got), _bits(expected)):
+            if fast.numpy_table is not None and not torch.equal(_bits(torch.from_numpy(fast.read_numpy(probe.numpy()))), _bits(expected)):
+                log.warning("feature %r: the numpy row reader differs from module.lookup; using the torch one", feature.name)
+                fast.numpy_table = None
             readers[feature.name] = fast
         else:
             log.warning("feature %r: the table-row reader differs from module.lookup; serving it through lookup", feature.name)

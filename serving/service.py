@@ -67,9 +67,9 @@ def _check_deadline(context: grpc.ServicerContext, stage: str) -> None:
         raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the deadline expired before {stage}")
 
 
-def _encode(values: torch.Tensor, dtype: np.dtype, checksum: str) -> bytes:
+def _encode(values: torch.Tensor | np.ndarray, dtype: np.dtype, checksum: str) -> bytes:
     """Vectors (computed under no_grad) as serialized response bytes: one copy of their memory."""
-    array = values.numpy()
+    array = values if isinstance(values, np.ndarray) else values.numpy()
     if dtype == _F16:
         return vectors_response(np.ascontiguousarray(array, dtype=_F16), pb.FLOAT16, checksum)
     return vectors_response(np.ascontiguousarray(array, dtype=_F32), pb.FLOAT32, checksum)

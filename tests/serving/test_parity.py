@@ -101,7 +101,9 @@ def test_stored_negative_zeros_come_back_as_the_model_gives_them(tmp_path, serve
     with torch.no_grad():
         table = coll.table_weights()[coll.feature_tables("large")[0]]
         table[7] = torch.tensor([-0.0, 0.0, float("nan"), -1.5, -0.0, 2.0, -0.0, 1e-40])
-    client = connect(serve(coll.export(tmp_path / "m")))
+    server = serve(coll.export(tmp_path / "m"))
+    assert server.holder.current.readers["large"].numpy_table is not None  # Full: the numpy path serves it
+    client = connect(server)
     got = client.lookup("large", [7, 8])
     expected = coll.lookup("large", torch.tensor([7, 8])).numpy()
     np.testing.assert_array_equal(bits(got), bits(expected))
