@@ -65,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids; 0 = uniform")
     parser.add_argument("--name", default="methods_speed")
     args = parser.parse_args(argv)
-    workload = Workload(features=CRITEO_CARDINALITIES, dim=args.dim, batch=args.batch, zipf=1.05)
+    workload = Workload(features=CRITEO_CARDINALITIES, dim=args.dim, batch=args.batch, zipf=args.zipf or None)
     ids = workload.sample_ids()
     names = [n for n, _ in workload.features]
     kjt = KeyedJaggedTensor(keys=names, values=torch.cat([ids[n] for n in names]), lengths=torch.ones(len(names) * args.batch, dtype=torch.long))
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"dlrm-style {med['dlrm-style']:.2f} ms ({rec['speedup_vs_dlrm_style']:.2f}x)", flush=True)
     env = env_info()
     lines = [
-        f"# Training-step speed per method at {args.ratio:g}x fewer bytes (CPU, B={args.batch}, D={args.dim}, 26 Criteo features, Zipf 1.05)",
+        f"# Training-step speed per method at {args.ratio:g}x fewer bytes (CPU, B={args.batch}, D={args.dim}, 26 Criteo features, {workload.distribution} ids)",
         "",
         f"`{env['command']}` at commit {env['git_commit'][:10]}, {env['cpu_count']} CPUs, {env['torch_threads']} threads; "
         f"median of {args.repeats} interleaved repeats. speed vs Full = Full time / method time (bar >= 0.6); "
