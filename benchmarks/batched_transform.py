@@ -22,8 +22,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collection_speed import CRITEO_CARDINALITIES  # noqa: E402
-from harness import Workload, env_info, time_fn, write_results  # noqa: E402
+from harness import CRITEO_CARDINALITIES, Workload, env_info, time_fn, write_results  # noqa: E402
 from methods_speed import features_with_counts, step  # noqa: E402
 
 from tablezip.compress.budget import FITTERS, full_bytes, methods_for_budget  # noqa: E402

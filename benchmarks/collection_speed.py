@@ -32,7 +32,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS_DIR, Workload, env_info, time_fn, write_results  # noqa: E402
+from harness import CRITEO_CARDINALITIES, RESULTS_DIR, Workload, env_info, time_fn, write_results  # noqa: E402
 
 from tablezip.compress import Full, Hash, full_bytes, hash_ids, hash_methods_for_budget  # noqa: E402
 from tablezip.compress.full import oov_rows  # noqa: E402
@@ -41,14 +41,6 @@ from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, M
 warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
 warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch Adagrad's sparse path
 
-# num_embeddings of C1..C26 in data/criteo_sample_110k.tsv.gz.
-CRITEO_CARDINALITIES: tuple[tuple[str, int], ...] = (
-    ("C1", 471), ("C2", 510), ("C3", 37883), ("C4", 21352), ("C5", 127), ("C6", 12),
-    ("C7", 7527), ("C8", 230), ("C9", 3), ("C10", 10776), ("C11", 3770), ("C12", 34831),
-    ("C13", 2803), ("C14", 26), ("C15", 4939), ("C16", 29166), ("C17", 9), ("C18", 2451),
-    ("C19", 1197), ("C20", 4), ("C21", 32519), ("C22", 13), ("C23", 14), ("C24", 10464),
-    ("C25", 49), ("C26", 8044),
-)  # fmt: skip
 COMPRESSION = 10
 VARIANTS = ("full", f"hash-{COMPRESSION}x")
 IMPLS = ("tablezip TBE", "torchrec EBC", "nn.EmbeddingBag loop")

@@ -24,6 +24,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+# num_embeddings of C1..C26 in data/criteo_sample_110k.tsv.gz.
+CRITEO_CARDINALITIES: tuple[tuple[str, int], ...] = (
+    ("C1", 471), ("C2", 510), ("C3", 37883), ("C4", 21352), ("C5", 127), ("C6", 12),
+    ("C7", 7527), ("C8", 230), ("C9", 3), ("C10", 10776), ("C11", 3770), ("C12", 34831),
+    ("C13", 2803), ("C14", 26), ("C15", 4939), ("C16", 29166), ("C17", 9), ("C18", 2451),
+    ("C19", 1197), ("C20", 4), ("C21", 32519), ("C22", 13), ("C23", 14), ("C24", 10464),
+    ("C25", 49), ("C26", 8044),
+)  # fmt: skip
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,8 +29,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import LoopedCollection  # noqa: E402
-from collection_speed import CRITEO_CARDINALITIES  # noqa: E402
-from harness import Workload, env_info, time_fn, write_results  # noqa: E402
+from harness import CRITEO_CARDINALITIES, Workload, env_info, time_fn, write_results  # noqa: E402
 
 from tablezip.compress.budget import FITTERS, full_bytes, methods_for_budget  # noqa: E402
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec  # noqa: E402

@@ -202,6 +202,31 @@ def load_verified_tensors(directory: str | Path, manifest: dict[str, Any]) -> di
     return tensors
 
 
+
+def _features_and_methods(manifest: dict[str, Any]) -> tuple[list[FeatureSpec], dict[str, Any]]:
+    """The manifest's features and their method configs (KeyError/ValueError when malformed)."""
+    features = [FeatureSpec.from_dict(f) for f in manifest["features"]]
+    return features, {f["name"]: config_from_dict(f["method"]) for f in manifest["features"]}
+
+
+def _feature_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """One feature's layout state: the ``feature.<name>.`` tensors without their prefix."""
+    prefix = f"feature.{name}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_matches_manifest(
+    directory: str | Path, manifest: dict[str, Any], collection: Any, expected_names: set[str], tensors: dict[str, torch.Tensor]
+) -> None:
+    """The rebuilt collection must have exactly the manifest's tables and the file's tensors:
+    a manifest edited to name other methods is refused, not half-loaded."""
+    specs = [{"rows": t.rows, "dim": t.dim, "shared": t.shared} for t in collection.table_specs()]
+    if specs != manifest["tables"]:
+        raise ArtifactError(f"{directory}: manifest tables {manifest['tables']} do not match the methods it names {specs}")
+    if expected_names != set(tensors):
+        diff = sorted(expected_names ^ set(tensors))
+        raise ArtifactError(f"{directory}: tensor {diff[0]!r} does not belong to the collection the manifest describes")
+
 def load_collection(
     directory: str | Path,
     device: torch.device | str | None = None,
@@ -217,28 +242,19 @@ def load_collection(
         )
     tensors = load_verified_tensors(directory, manifest)
     try:
-        features = [FeatureSpec.from_dict(f) for f in manifest["features"]]
-        methods = {f["name"]: config_from_dict(f["method"]) for f in manifest["features"]}
+        features, methods = _features_and_methods(manifest)
         opt = optimizer or TableOptimizer(**manifest["optimizer"])
         collection = CompressedEmbeddingBagCollection(
             features, manifest["dim"], methods, optimizer=opt, device=device, seed=manifest["seed"]
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{directory}: manifest does not describe a valid collection ({err})") from None
-    specs = [{"rows": t.rows, "dim": t.dim, "shared": t.shared} for t in collection.table_specs()]
-    if specs != manifest["tables"]:
-        raise ArtifactError(f"{directory}: manifest tables {manifest['tables']} do not match the methods it names {specs}")
-    expected_names = set(collection_tensors(collection))
-    if expected_names != set(tensors):
-        diff = sorted(expected_names ^ set(tensors))
-        raise ArtifactError(f"{directory}: tensor {diff[0]!r} does not belong to the collection the manifest describes")
+    _check_matches_manifest(directory, manifest, collection, set(collection_tensors(collection)), tensors)
     with torch.no_grad():
         for i, weight in enumerate(collection.table_weights()):
             weight.copy_(tensors[f"table.{i}"].to(weight.device))
         for name, layout in collection.layouts.items():
-            prefix = f"feature.{name}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            layout.load_state_dict(state)
+            layout.load_state_dict(_feature_state(tensors, name))
     return collection
 
 
@@ -254,23 +270,13 @@ def load_quantized(directory: str | Path, device: torch.device | str | None = No
         raise ArtifactError(f"{directory}: not a quantized artifact ({err})") from None
     tensors = load_verified_tensors(directory, manifest)
     try:
-        features = [FeatureSpec.from_dict(f) for f in manifest["features"]]
-        methods = {f["name"]: config_from_dict(f["method"]) for f in manifest["features"]}
+        features, methods = _features_and_methods(manifest)
         tables = [tensors[f"table.{i}"] for i in range(len(manifest["tables"]))]
-        state = {
-            f.name: {k[len(f"feature.{f.name}."):]: v for k, v in tensors.items() if k.startswith(f"feature.{f.name}.")}
-            for f in features
-        }
+        state = {f.name: _feature_state(tensors, f.name) for f in features}
         collection = QuantizedEmbeddingBagCollection(features, manifest["dim"], methods, tables, dtype, state, device=device)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"{directory}: manifest does not describe a valid {dtype.value} collection ({err})") from None
-    specs = [{"rows": t.rows, "dim": t.dim, "shared": t.shared} for t in collection.table_specs()]
-    if specs != manifest["tables"]:
-        raise ArtifactError(f"{directory}: manifest tables {manifest['tables']} do not match the methods it names {specs}")
-    expected_names = set(quantized_tensors(collection))
-    if expected_names != set(tensors):
-        diff = sorted(expected_names ^ set(tensors))
-        raise ArtifactError(f"{directory}: tensor {diff[0]!r} does not belong to the collection the manifest describes")
+    _check_matches_manifest(directory, manifest, collection, set(quantized_tensors(collection)), tensors)
     return collection
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -213,9 +214,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = []
     plan_ratio = None
     if args.plan is not None:
-        from .sweep import plan_trials
+        from .plan import checked_plan_ratio
 
-        ((_, (_, plan_ratio)),) = plan_trials(args.data, [args.plan]).items()
+        plan_ratio = checked_plan_ratio(args.data, args.plan)
     methods = ["plan"] if args.plan is not None else args.methods
     with ray_session(args.address, args.workers):  # one Ray for all methods (none when --workers 0)
         for method in methods:
@@ -301,7 +302,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = args.budget if args.budget is not None else int(full / args.ratio)
     plan = make_plan(args.data, budget, dim=args.dim, dtypes=args.dtypes, keep_full_below=args.keep_full_below,
                      progress=not args.no_progress)
-    plan = type(plan)(**{**plan.__dict__, "notes": {**plan.notes, "model": args.model, "data": str(args.data.resolve())}})
+    plan = dataclasses.replace(plan, notes={**plan.notes, "model": args.model, "data": str(args.data.resolve())})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(plan.to_json())
     rows = [[f.name, f"{f.num_embeddings:,}", plan.methods[f.name].kind,

@@ -59,3 +59,16 @@ def read_plan(path: str | Path) -> Plan:
         return Plan.from_json(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def checked_plan_ratio(prepared_dir: str | Path, path: str | Path, features: Sequence | None = None) -> float:
+    """The plan's budget as a ratio of Full's bytes (2 decimals, at least 1), after checking the
+    plan fits the data's features: what a run trained from the plan is named and logged by."""
+    from tablezip.compress import full_bytes
+
+    from .train import feature_specs
+
+    features = feature_specs(prepared_dir) if features is None else features
+    plan = read_plan(path)
+    plan.methods_for(features, plan.dim)
+    return max(1.0, round(full_bytes(features, plan.dim) / plan.budget_bytes, 2))

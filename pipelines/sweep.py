@@ -60,9 +60,7 @@ def make_trials(methods: Sequence[str], ratios: Sequence[float], models: Sequenc
 def plan_trials(prepared_dir: str | Path, plans: Sequence[str | Path]) -> dict[str, tuple[str, float]]:
     """``plan:<stem>`` -> (absolute plan path, its budget as a ratio of Full's bytes, 2 decimals);
     each plan is checked against the data's features here, before any trial starts."""
-    from tablezip.compress import full_bytes
-
-    from .plan import read_plan
+    from .plan import checked_plan_ratio
     from .train import feature_specs
 
     out: dict[str, tuple[str, float]] = {}
@@ -70,14 +68,11 @@ def plan_trials(prepared_dir: str | Path, plans: Sequence[str | Path]) -> dict[s
         return out
     features = feature_specs(prepared_dir)
     for path in plans:
-        plan = read_plan(path)
-        plan.methods_for(features, plan.dim)
         name = f"plan:{Path(path).stem}"
         if name in out:
             raise ValueError(f"two plans are named {Path(path).stem!r}; plan files need distinct names")
-        out[name] = (str(Path(path).resolve()), max(1.0, round(full_bytes(features, plan.dim) / plan.budget_bytes, 2)))
+        out[name] = (str(Path(path).resolve()), checked_plan_ratio(prepared_dir, path, features))
     return out
-
 
 def sweep_key(trials: Iterable[Trial], max_train_rows: int | None = None) -> str:
     """A stable hash of the grid (and the training budget): the same sweep resumes under it."""
