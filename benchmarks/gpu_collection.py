@@ -9,6 +9,14 @@ Hybrid and Pruned (10x) are timed in tablezip only. Every compressed variant is 
 ``batch_transforms = False`` ("per-feature transforms": each feature's own id transform, the code
 before issue 6), so one run gives the before and after of batching the transforms.
 
+The default path on CUDA runs the fused Triton id transforms (compress/fused_ids.py) and drops
+Pruned's -1 rows by zero weights (``drop_by_weight``, no host sync). Each compressed variant is
+also timed "unfused" (torch transforms and compaction: the batched path before them); Pruned also
+with one of the two changes at a time, and with its dropped ids spread over rows instead of row 0
+(training only: how much the hot row 0 costs fbgemm's backward). The run checks on the GPU that
+the fused rows equal the torch rows, that the forwards are bit-identical, and compares the tables
+after two training steps of the default path against a twin on the unfused path.
+
     python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
     python benchmarks/gpu_collection.py --out DIR --device cpu --rows 1000 --batch 64   # smoke test
 """
@@ -29,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import env_info, time_cuda_fn, time_fn  # noqa: E402
 
+from tablezip.compress import fused_ids  # noqa: E402
 from tablezip.compress import (  # noqa: E402
     Hash,
     full_bytes,
@@ -127,10 +136,33 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
             finally:
                 coll.batch_transforms = True
 
-        with torch.no_grad():  # the two transform paths are bit-identical (tests); check it here too
+        def configured(fused: bool, by_weight: bool):
+            """The batched forward with the fused kernels on or off and drops by weight or not."""
+            def forward() -> torch.Tensor:
+                before = coll.drop_by_weight
+                coll.drop_by_weight = by_weight
+                try:
+                    with fused_ids.mode("auto" if fused else "off"):
+                        return coll(kjt).values()
+                finally:
+                    coll.drop_by_weight = before
+            return forward
+
+        unfused_forward = configured(False, False)
+        checks: dict[str, Any] = {}
+        with torch.no_grad():  # the transform paths are bit-identical (tests); check it here too
             same = bool(torch.equal(coll(kjt).values(), per_feature_forward()))
+            if variant != "full":
+                checks = fused_checks(coll, kjt, names, unfused_forward)
+        if variant != "full":
+            checks.update(train_twin_check(features, dim, FITTERS[variant], kjt, device, coll.drop_by_weight))
         cases = {"tablezip TBE": (lambda: coll(kjt).values(), None)}
         if variant != "full":
+            cases["tablezip TBE, unfused (torch transforms, compaction)"] = (unfused_forward, None)
+            if variant == "pruned-10x":
+                cases["tablezip TBE, fused transforms + compaction"] = (configured(True, False), None)
+                cases["tablezip TBE, torch transforms + zero-weight drops"] = (configured(False, True), None)
+                cases["tablezip TBE, zero-weight drops spread over rows"] = (spread_drops_forward(coll, kjt), None)
             cases["tablezip TBE, per-feature transforms"] = (per_feature_forward, None)
         if variant in ("full", "hash-10x"):  # -1 rows of pruned ids are not valid EBC input
             cases["torchrec EBC"] = (lambda: ebc(remapped()).values(), opt_ebc)
@@ -143,6 +175,7 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
             records.append({
                 "variant": variant, "impl": impl, "tables": tables, "rows": rows, "dim": dim, "batch": batch,
                 "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
+                "drop_by_weight": coll.drop_by_weight, **checks,
                 "bytes": coll.memory_bytes(), "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"],
                 "train_ms": t["median_ms"], "train_p90_ms": t["p90_ms"],
                 "fwd_rows_per_s": looked_up / (f["median_ms"] / 1e3),
@@ -152,6 +185,68 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
         del coll, ebc, bags
         torch.cuda.empty_cache()
     return records
+
+
+def fused_checks(coll, kjt: KeyedJaggedTensor, names: list[str], unfused_forward) -> dict[str, Any]:
+    """On the GPU: the fused kernels' rows equal the torch path's (every feature, int64), and the
+    default forward (fused + drops by weight) equals the unfused one bit for bit."""
+    per_feature = torch.split(kjt.values(), kjt.length_per_key())
+    with fused_ids.mode("off"):
+        reference = coll.transform_ids(per_feature)
+    fused = coll.transform_ids(per_feature)
+    rows_equal = all(a.dtype == b.dtype == torch.int64 and torch.equal(a, b) for x, y in zip(reference, fused) for a, b in zip(x, y))
+    out, ref = coll(kjt).values(), unfused_forward()
+    return {
+        "fused_kernel_used": fused_ids.enabled_for(kjt.values()),
+        "fused_rows_equal_torch": rows_equal,
+        "forward_equal_unfused": bool(torch.equal(out, ref)),
+        "forward_max_abs_diff_unfused": float((out - ref).abs().max()),
+    }
+
+
+def train_twin_check(features, dim: int, fitter, kjt: KeyedJaggedTensor, device: torch.device, by_weight: bool) -> dict[str, Any]:
+    """Two collections built alike (same seed: same tables); two fused-Adagrad steps on the
+    default path and on the unfused path (torch transforms, compaction): same outputs and tables?"""
+    methods = fitter(features, dim, full_bytes(features, dim) // 10)
+    twins = [CompressedEmbeddingBagCollection(features, dim, methods, device=device) for _ in range(2)]
+    twins[0].drop_by_weight, twins[1].drop_by_weight = by_weight, False
+    weight = torch.linspace(-1, 1, len(features) * dim, device=device)
+    outputs_equal, diff = True, 0.0
+    for _ in range(2):
+        outs = []
+        for coll, mode in zip(twins, ("auto", "off")):
+            with fused_ids.mode(mode):
+                out = coll(kjt).values()
+            (out * weight).sum().backward()
+            outs.append(out.detach())
+        outputs_equal &= bool(torch.equal(outs[0], outs[1]))
+    tables_equal = True
+    for a, b in zip(twins[0].table_weights(), twins[1].table_weights()):
+        tables_equal &= bool(torch.equal(a, b))
+        diff = max(diff, float((a - b).abs().max()))
+    del twins
+    torch.cuda.empty_cache()
+    return {"train_outputs_equal_unfused": outputs_equal, "train_tables_equal_unfused": tables_equal, "train_tables_max_abs_diff": diff}
+
+
+def spread_drops_forward(coll, kjt: KeyedJaggedTensor):
+    """The default forward, but each dropped id points at row (position mod the smallest table)
+    instead of row 0: exact too; measures what the hot row 0 costs fbgemm's backward."""
+    smallest = min(s.rows for s in coll.table_specs())
+
+    def spread(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = rows >= 0
+        spread_rows = torch.arange(rows.numel(), device=rows.device) % smallest
+        return torch.where(kept, rows, spread_rows), kept.to(torch.float32)
+
+    def forward() -> torch.Tensor:
+        real = fused_ids.zero_weight_drops
+        fused_ids.zero_weight_drops = spread
+        try:
+            return coll(kjt).values()
+        finally:
+            fused_ids.zero_weight_drops = real
+    return forward
 
 
 def bag_sweep(device: torch.device, tables: int, rows: int, dim: int, batch: int, bag_lens: list[int]) -> list[dict[str, Any]]:
@@ -201,11 +296,26 @@ def main() -> None:
              f"`{result['env']['command']}` at commit {result['env']['git_commit'][:10]}; medians of CUDA-event timings.", "",
              f"GPU: {result['env']['gpu']}; copy bandwidth {result['copy_GBps']:.0f} GB/s", "",
              f"parity (max abs err CPU vs CUDA): {json.dumps(result['parity'])}", "",
-             "| variant | impl | fwd ms | fwd+bwd(+step) ms | fwd G rows/s | fwd GB/s | % of copy BW | batched == per-feature |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| variant | impl | fwd ms | fwd vs Full | fwd+bwd(+step) ms | fwd+bwd vs Full | fwd G rows/s | fwd GB/s | % of copy BW | batched == per-feature |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    full = next((r for r in result["speed"] if r["variant"] == "full" and r["impl"] == "tablezip TBE"), None)
     for r in result["speed"]:
-        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['train_ms']:.3f} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
+        vs = f"{r['fwd_ms'] / full['fwd_ms']:.2f}x" if full else "-"
+        vs_train = f"{r['train_ms'] / full['train_ms']:.2f}x" if full else "-"
+        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {vs} | {r['train_ms']:.3f} | {vs_train} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
                      f"{100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% | {r['batched_equals_per_feature']} |")
+    checked = {}
+    for r in result["speed"]:
+        if "fused_rows_equal_torch" in r:
+            checked[r["variant"]] = {k: r[k] for k in ("drop_by_weight", "fused_kernel_used", "fused_rows_equal_torch", "forward_equal_unfused",
+                                                      "forward_max_abs_diff_unfused", "train_outputs_equal_unfused", "train_tables_equal_unfused",
+                                                      "train_tables_max_abs_diff")}
+    lines += ["", "Fused kernels and drops by weight against the unfused path, on the GPU:", "",
+              "| variant | drop by weight | kernel used | rows equal | forward equal | fwd max diff | 2-step outputs equal | tables equal | tables max diff |",
+              "|---|---|---|---|---|---:|---|---|---:|"]
+    for variant, c in checked.items():
+        lines.append(f"| {variant} | {c['drop_by_weight']} | {c['fused_kernel_used']} | {c['fused_rows_equal_torch']} | {c['forward_equal_unfused']} | "
+                     f"{c['forward_max_abs_diff_unfused']:.3g} | {c['train_outputs_equal_unfused']} | {c['train_tables_equal_unfused']} | {c['train_tables_max_abs_diff']:.3g} |")
     lines += ["", f"Full, uniform ids, {args.sweep_batch} bags per table, L ids per bag (bytes = rows read + pooled rows written):", "",
               "| L | fwd ms | GB/s | % of copy BW |", "|---:|---:|---:|---:|"]
     for r in result["bag_sweep"]:

@@ -13,12 +13,14 @@ import torch
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .search import largest_fitting
 from .full import Full
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
+MIX = (_MIX1, _MIX2)  # splitmix64's multipliers, as unsigned ints for the fused kernel
 
 
 def _signed64(value: int) -> int:
@@ -120,6 +122,9 @@ class HashLayout(FeatureLayout):
     def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
         """One splitmix64 over the ids of every hashed feature (each its own rows and seed)."""
         hashed = cast(Sequence[HashLayout], layouts)
+        fused = fused_ids.rows(batch, fused_ids.HASH, a=[l.rows for l in hashed], b=[seed_mix(l.seed) for l in hashed], mix=MIX)
+        if fused is not None:  # CUDA: the same rows from one kernel
+            return batch.split_slots([fused])
         rows = batch.constant([l.rows for l in hashed])
         seeds = batch.constant([seed_mix(l.seed) for l in hashed])
         return batch.split_slots([hash_rows(batch.ids, rows, seeds)])

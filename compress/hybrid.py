@@ -20,7 +20,8 @@ from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full
-from .hashing import hash_ids, hash_methods_for_budget, hash_rows, seed_mix
+from . import fused_ids
+from .hashing import MIX, hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 _SEED_LIMIT = 2**63
 
@@ -153,6 +154,14 @@ class HybridLayout(FeatureLayout):
         own remap is gathered (one gather per feature, no copy of the arrays), the rest is batched.
         Cold ids land at ``hot + hash``, as in ``hybrid_rows``."""
         hybrid = cast(Sequence[HybridLayout], layouts)
+        fused = fused_ids.rows(
+            batch, fused_ids.HYBRID,
+            a=[l.cold_rows for l in hybrid], b=[seed_mix(l.seed) for l in hybrid], c=[l.hot for l in hybrid],
+            d=[l.remap.numel() for l in hybrid] if hybrid[0].uses_remap else None,
+            remaps=[l.remap for l in hybrid] if hybrid[0].uses_remap else None, mix=MIX,
+        )  # fmt: skip
+        if fused is not None:  # CUDA: hot test, hash and select in one kernel
+            return batch.split_slots([fused])
         ids = batch.ids
         hot = batch.constant([l.hot for l in hybrid])
         cold = hash_rows(ids, batch.constant([l.cold_rows for l in hybrid]), batch.constant([seed_mix(l.seed) for l in hybrid]))

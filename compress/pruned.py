@@ -12,7 +12,10 @@ Two methods share one serving format:
   exactly those rows.
 
 Serving: the ``remap`` buffer IS the index remapping of the served model; pruned ids (-1) are
-dropped by the collection before its single TBE call (fbgemm's training TBE rejects -1).
+dropped by the collection before its single TBE call (fbgemm's training TBE rejects -1): on a CPU
+compacted out, on CUDA kept as row 0 with a per-sample weight of 0, which needs no host sync and
+is exact (``EmbeddingBagLookup.drop_by_weight``). On CUDA the transform itself runs as one Triton
+kernel (``fused_ids``).
 fbgemm_gpu 1.8 has a CPU index-remapping op, ``torch.ops.fbgemm.pruned_array_lookup(indices,
 offsets, remappings, remapping_offsets)`` (what ``IntNBitTableBatchedEmbeddingBagsCodegen``
 uses for ``index_remapping``). Measured here it gives the same rows but is not faster than one
@@ -35,6 +38,7 @@ from torch import nn
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .search import largest_fitting
 from .full import Full, FullLayout, batch_oov_rows
 
@@ -217,6 +221,12 @@ class PrunedLayout(FeatureLayout):
         """The OOV mapping of every id at once, then one compare (prefix) or one gather per
         feature from its own remap (no copy of the arrays); the default row fill at once."""
         pruned = cast(Sequence[PrunedLayout], layouts)
+        fused = fused_ids.rows(
+            batch, fused_ids.PRUNED, c=[l.keep for l in pruned], d=[l.feature.num_embeddings for l in pruned],
+            remaps=[l.remap for l in pruned] if pruned[0].uses_remap else None, default=pruned[0].default,
+        )  # fmt: skip
+        if fused is not None:  # CUDA: OOV map, remap or prefix test and default fill in one kernel
+            return batch.split_slots([fused])
         ids = batch_oov_rows(layouts, batch)  # [0, n]: the index pruned_rows' clamp reads too
         keep = batch.constant([l.keep for l in pruned])
         if pruned[0].uses_remap:

@@ -30,6 +30,16 @@ class EmbeddingBagLookup(nn.Module):
     layouts: nn.ModuleDict
     device: torch.device
     tbe: nn.Module
+    # How ids without a row (-1 from a ``may_drop`` layout, e.g. Pruned "zero") leave their bags.
+    # False: they are compacted out (a mask, and a host sync to size the result; the reference).
+    # True: each stays in its bag, pointing at row 0 with a per-sample weight of 0 in a weighted
+    # TBE call, so nothing waits for the GPU. Exact: the kept rows are multiplied by 1.0 and the
+    # dropped ones add 0 * row (0 for any finite row), bag lengths (MEAN) are the original ones
+    # either way, and the backward gives row 0 a zero gradient, which rowwise Adagrad, Adagrad
+    # and SGD turn into no change of the row or its state. Not with weight decay (it would decay
+    # a row that only dropped ids touched). Only with ``batch_transforms`` (the per-feature path
+    # stays the old code). Tested against compaction in tests/compress/test_pruned.py.
+    drop_by_weight: bool = False
 
     def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
         """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
@@ -47,6 +57,19 @@ class EmbeddingBagLookup(nn.Module):
             and self._tbe_order == list(range(len(features)))
             and all(
                 l.is_passthrough and self._tables[self._slot_table[i]].dim == dim
+                for i, l in enumerate(self.layouts.values())
+            )
+        )
+        # With ``drop_by_weight`` a layout that only differs from passthrough by dropping ids
+        # keeps its bags as they are, so the fast path holds for it too.
+        self._drops = any(l.pooled_in_tbe and l.may_drop for l in self.layouts.values())
+        self._passthrough_by_weight = (
+            self._drops
+            and len(self._slot_table) == len(features)
+            and self._tbe_order == list(range(len(features)))
+            and all(
+                (l.is_passthrough or _passes_through_but_drops(l))
+                and self._tables[self._slot_table[i]].dim == dim
                 for i, l in enumerate(self.layouts.values())
             )
         )
@@ -103,9 +126,10 @@ class EmbeddingBagLookup(nn.Module):
         batch = kjt.stride()
         lengths = kjt.lengths().view(len(self.features), batch)
         layouts = list(self.layouts.values())
-        if self._passthrough:
+        by_weight = self._passthrough_by_weight and self.drop_by_weight and self.batch_transforms
+        if self._passthrough or by_weight:
             indices = joined([rows[0] for rows in self.transform_ids(per_feature)])
-            pooled = self.tbe(indices, kjt.offsets().to(torch.int64))
+            pooled = self._lookup(indices, kjt.offsets().to(torch.int64), by_weight)
             if self._any_mean:
                 pooled = self._finish_mean(pooled.view(batch, len(layouts), self.dim), lengths).view(batch, -1)
         else:
@@ -121,7 +145,8 @@ class EmbeddingBagLookup(nn.Module):
         """
         batch = lengths.shape[1]
         all_rows = self.transform_ids(per_feature)
-        dropped = self._drop_missing(layouts, all_rows, lengths)
+        by_weight = self._drops and self.drop_by_weight and self.batch_transforms
+        dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths)
         rows_per_slot: list[torch.Tensor] = []
         lengths_per_slot: list[torch.Tensor] = []
         for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
@@ -146,7 +171,7 @@ class EmbeddingBagLookup(nn.Module):
                 padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
         offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(padded.view(-1), 0, out=offsets[1:])
-        out = self.tbe(torch.cat([rows_per_slot[s] for s in order]), offsets)
+        out = self._lookup(torch.cat([rows_per_slot[s] for s in order]), offsets, by_weight)
         by_tbe_slot = torch.split(out, [self._tables[self._slot_table[s]].dim for s in order], dim=1)
         parts: list[torch.Tensor] = [by_tbe_slot[0]] * len(order)
         for i, s in enumerate(order):
@@ -167,6 +192,16 @@ class EmbeddingBagLookup(nn.Module):
                     vec = per_id.new_zeros(batch, per_id.shape[1]).index_add_(0, bag_of_id, per_id)
             vectors.append(feature.pooling.finish(vec, feature_lengths))
         return torch.cat(vectors, dim=1)
+
+    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor, by_weight: bool) -> torch.Tensor:
+        """The one TBE call; with ``by_weight`` the -1 rows of dropped ids become row 0 with a
+        weight of 0 and every other row gets a weight of 1 (see ``drop_by_weight``)."""
+        if not by_weight:
+            return self.tbe(indices, offsets)
+        from tablezip.compress.fused_ids import zero_weight_drops
+
+        indices, weights = zero_weight_drops(indices)
+        return self.tbe(indices, offsets, per_sample_weights=weights)
 
     def transform_ids(self, per_feature: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Row ids of every feature's ids in each of its tables (``FeatureLayout.transform`` for
@@ -277,6 +312,9 @@ class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
         self.optimizer_config = optimizer
         self.seed = seed
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # Sync-free drops on CUDA (where a host sync stalls the launch queue); the CPU keeps the
+        # compaction, which costs no sync there. Weight decay would touch rows only dropped ids read.
+        self.drop_by_weight = self.device.type == "cuda" and optimizer.weight_decay == 0
         layouts = nn.ModuleDict({f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features})
         self._plan(features, dim, layouts)
         self.tbe = build_tbe(self._tables, self.tbe_feature_table_map(), optimizer, self.device)
@@ -380,6 +418,16 @@ def _batch_groups(layouts: list[FeatureLayout]) -> list[_BatchGroup]:
     for f, layout in enumerate(layouts):
         by_key.setdefault(layout.batch_group, []).append(f)
     return [_BatchGroup(features, [layouts[f] for f in features]) for features in by_key.values()]
+
+
+def _passes_through_but_drops(layout: FeatureLayout) -> bool:
+    """``is_passthrough`` but for ``may_drop``: one table, identity combine, pooled in TBE."""
+    return (
+        type(layout).combine is FeatureLayout.combine
+        and len(layout.tables()) == 1
+        and layout.pooled_in_tbe
+        and layout.may_drop
+    )
 
 
 def _kept_lengths(keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

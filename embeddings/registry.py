@@ -194,12 +194,30 @@ class IdBatch:
         table = self._per_id()
         per_id = table.get(key)
         if per_id is None:
-            small_key = (key, self.device)
-            small = self._cache.small.get(small_key)
-            if small is None:
-                small = self._cache.small[small_key] = torch.tensor(key, dtype=torch.int64, device=self.device)
-            per_id = table[key] = small[self.feature_index()]
+            per_id = table[key] = self.per_feature(key)[self.feature_index()]
         return per_id
+
+    def per_feature(self, values: Sequence[int]) -> torch.Tensor:
+        """Integers (one per feature, or any short list) as a small int64 tensor on the ids'
+        device, built once per distinct values and kept (``BatchCache``): a fused kernel looks
+        its feature's value up itself instead of reading a per-id tensor."""
+        key = (tuple(int(v) for v in values), self.device)
+        small = self._cache.small.get(key)
+        if small is None:
+            small = self._cache.small[key] = torch.tensor(key[0], dtype=torch.int64, device=self.device)
+        return small
+
+    def feature_starts(self) -> torch.Tensor:
+        """[F + 1] int64 on the ids' device: where each feature's ids start in ``ids``, then the
+        total. Cached for the latest id counts, like the per-id constants."""
+        table = self._per_id()
+        starts = table.get("starts")
+        if starts is None:
+            bounds = [0]
+            for c in self.counts:
+                bounds.append(bounds[-1] + c)
+            starts = table["starts"] = torch.tensor(bounds, dtype=torch.int64, device=self.device)
+        return starts
 
     def gather(self, arrays: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """``arrays[f][index]`` for the ids of each feature ``f`` (an in-range ``index`` per id),

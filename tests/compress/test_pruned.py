@@ -511,3 +511,118 @@ def test_prefix_pruning_without_remap_equals_the_remap_version(missing):
     assert "remap" not in without.layouts["b"].state_dict()
     kjt = random_kjt(["a", "b"], 64, 1100, max_len=4, seed=3, id_low=-3)
     torch.testing.assert_close(without(kjt).values(), with_remap(kjt).values(), rtol=0, atol=0)
+
+
+# -- dropped ids as zero weights (drop_by_weight) -----------------------------------------
+def _drop_twins(features, methods, optimizer=TableOptimizer()):
+    """The same collection twice (same tables and optimizer state): compaction and zero weights."""
+    import copy
+
+    compacting = CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=optimizer, seed=5)
+    assert not compacting.drop_by_weight  # the CPU default: compaction
+    weighted = copy.deepcopy(compacting)
+    weighted.drop_by_weight = True
+    return compacting, weighted
+
+
+def _assert_same_training(compacting, weighted, kjts, steps: int = 2) -> None:
+    """Forward outputs, then the tables and optimizer state after each fused step, bit for bit."""
+    for kjt in kjts:
+        for _ in range(steps):
+            outs = []
+            for model in (compacting, weighted):
+                out = model(kjt).values()
+                (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+                outs.append(out.detach())
+            assert torch.equal(outs[0], outs[1])
+            for a, b in zip(compacting.table_weights(), weighted.table_weights()):
+                assert torch.equal(a, b)
+            for a, b in zip(compacting.tbe.split_optimizer_states(), weighted.tbe.split_optimizer_states()):
+                for x, y in zip(a, b):
+                    assert torch.equal(x, y)
+
+
+DROP_FEATURES = [
+    FeatureSpec("a", 50),
+    FeatureSpec("b", 1000, pooling="mean"),
+    FeatureSpec("c", 300),
+    FeatureSpec("d", 7, pooling="mean"),
+    FeatureSpec("e", 2000),
+]
+DROP_METHODS = {
+    "a": Pruned(keep=9),  # prefix through the remap
+    "b": Pruned(keep=100, remap=False),  # MEAN still counts a dropped id
+    "c": Pruned(keep=1),  # almost every id dropped
+    "d": Full(),
+    "e": Pruned(keep=40, remap=False),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adagrad", "sgd"])
+def test_zero_weight_drops_train_exactly_like_compaction(optimizer):
+    """Passthrough collection (Pruned zero + Full): the weighted TBE call with rows of weight 0
+    gives the compaction path's outputs, tables and optimizer states after two fused steps."""
+    compacting, weighted = _drop_twins(DROP_FEATURES, DROP_METHODS, TableOptimizer(kind=optimizer, lr=0.3))
+    assert weighted._passthrough_by_weight and not weighted._passthrough
+    names = [f.name for f in DROP_FEATURES]
+    kjts = [random_kjt(names, 48, 2100, max_len=4, seed=s, id_low=-5) for s in range(3)]
+    _assert_same_training(compacting, weighted, kjts)
+
+
+def test_zero_weight_drops_with_empty_and_all_dropped_bags():
+    """Empty bags, bags whose every id is dropped (read as zero; MEAN divides by the original
+    length) and bags of one id: the same vectors as compaction."""
+    compacting, weighted = _drop_twins(DROP_FEATURES, DROP_METHODS)
+    names = [f.name for f in DROP_FEATURES]
+    batch = 6
+    per_feature = {  # lengths per bag, ids
+        "a": ([0, 2, 1, 0, 3, 1], [49, 60, 3, 10, 11, 12, 0]),
+        "b": ([2, 0, 0, 1, 2, 0], [500, 999, 700, 5, 999]),
+        "c": ([1, 1, 3, 0, 0, 0], [0, 1, 2, 3, -1]),
+        "d": ([0, 0, 0, 0, 0, 1], [3]),
+        "e": ([4, 0, 1, 1, 0, 0], [41, 42, 2000, -7, 39, 100]),
+    }
+    lengths = torch.tensor([x for n in names for x in per_feature[n][0]])
+    values = torch.tensor([x for n in names for x in per_feature[n][1]])
+    kjt = KeyedJaggedTensor(keys=names, values=values, lengths=lengths)
+    out = weighted(kjt).values()
+    assert out.shape == (batch, len(names) * DIM)
+    assert torch.all(out[1, DIM : 2 * DIM] == 0) and torch.all(out[0, 2 * DIM : 3 * DIM] != 0)
+    assert torch.all(out[1, 0:DIM] == 0) and torch.all(out[4, 4 * DIM : 5 * DIM] == 0)
+    _assert_same_training(compacting, weighted, [kjt])
+
+
+def test_zero_weight_drops_in_the_general_path():
+    """Mixed with methods that leave the fast path (a QR combine, a LearnedThreshold pooled
+    after TBE, a default-row Pruned): drops by weight there too, bit-identical to compaction."""
+    from tablezip.compress import QR
+
+    features = DROP_FEATURES + [FeatureSpec("q", 400), FeatureSpec("t", 60, pooling="mean"), FeatureSpec("p", 90)]
+    methods = {**DROP_METHODS, "q": QR(collisions=7), "t": LearnedThreshold(init=0.01), "p": Pruned(keep=12, missing="default")}
+    compacting, weighted = _drop_twins(features, methods)
+    assert not weighted._passthrough_by_weight and weighted._drops
+    names = [f.name for f in features]
+    kjts = [random_kjt(names, 32, 2100, max_len=3, seed=s, id_low=-5) for s in range(2)]
+    _assert_same_training(compacting, weighted, kjts)
+    one_id = KeyedJaggedTensor(keys=names, values=torch.arange(len(names) * 8) * 37 % 1100, lengths=torch.ones(len(names) * 8, dtype=torch.long))
+    _assert_same_training(compacting, weighted, [one_id])
+
+
+def test_zero_weight_drops_need_batch_transforms_and_no_weight_decay():
+    """The per-feature reference path (batch_transforms = False) keeps compaction even when
+    drop_by_weight is set; weight decay (CUDA only) turns the weighted drops off."""
+    compacting, weighted = _drop_twins(DROP_FEATURES, DROP_METHODS)
+    weighted.batch_transforms = False
+    calls = []
+    real = weighted._drop_missing
+    weighted._drop_missing = lambda *a: calls.append(1) or real(*a)
+    names = [f.name for f in DROP_FEATURES]
+    kjt = random_kjt(names, 8, 2100, max_len=3, seed=1)
+    weighted(kjt)
+    assert calls
+    weighted.batch_transforms = True
+    calls.clear()
+    weighted(kjt)
+    assert not calls
+    decayed = CompressedEmbeddingBagCollection(DROP_FEATURES, DIM, DROP_METHODS, optimizer=TableOptimizer(weight_decay=0.0))
+    assert not decayed.drop_by_weight  # CPU

@@ -1,0 +1,214 @@
+"""The fused Triton id transforms (compress/fused_ids.py) against the torch path, bit for bit.
+
+CI has no GPU and no Triton: the kernel tests skip there. With Triton installed they run the
+kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here before the kernels are
+built) under ``fused_ids.mode("on")``; on a GPU ``benchmarks/gpu_collection.py`` repeats the
+checks at full size. The mode switch and the torch fallback are tested everywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tablezip.compress import Full, Hash, Hybrid, Pruned, fused_ids
+from tablezip.compress.hashing import hash_ids, hash_rows, seed_mix
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
+from tablezip.embeddings.registry import IdBatch
+from tests.embeddings.test_batched_transform import mixed_collection, per_feature_rows, random_ids, random_kjt
+from tests.embeddings.test_conformance import build
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CI: the torch path only)")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels under Triton's interpreter (the tests' ids are CPU tensors, also on a
+    machine with a GPU), built fresh for the test and dropped after it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused_ids._kernels.cache_clear()
+    with fused_ids.mode("on"):
+        yield
+    fused_ids._kernels.cache_clear()
+
+
+def count_launches(monkeypatch) -> list[str]:
+    """Record every fused ``rows`` call that returned kernel rows (not a torch fallback)."""
+    launched: list[str] = []
+    real = fused_ids.rows
+
+    def spy(batch, method, *args, **kwargs):
+        out = real(batch, method, *args, **kwargs)
+        if out is not None:
+            launched.append(("hash", "hybrid", "pruned")[method])
+        return out
+
+    monkeypatch.setattr(fused_ids, "rows", spy)
+    return launched
+
+
+def assert_fused_rows_equal(coll: CompressedEmbeddingBagCollection, ids: list[torch.Tensor]) -> None:
+    with fused_ids.mode("off"):
+        reference = per_feature_rows(coll, ids, batched=True)
+    with fused_ids.mode("on"):
+        fused = per_feature_rows(coll, ids, batched=True)
+    per_feature = per_feature_rows(coll, ids, batched=False)
+    for name, ref, got, old in zip(coll.feature_names, reference, fused, per_feature):
+        for a, b, c in zip(ref, got, old):
+            assert b.dtype == torch.int64, name
+            assert torch.equal(a, b), (name, coll.layouts[name].config)
+            assert torch.equal(c, b), (name, coll.layouts[name].config)
+
+
+# -- without Triton too ------------------------------------------------------------------
+def test_auto_mode_keeps_cpu_ids_on_the_torch_path():
+    ids = torch.arange(10)
+    assert fused_ids.current_mode() == "auto"
+    assert not fused_ids.enabled_for(ids)
+    with fused_ids.mode("off"):
+        assert not fused_ids.enabled_for(ids)
+    batch = IdBatch([ids])
+    assert fused_ids.rows(batch, fused_ids.HASH, a=[7], b=[0]) is None
+    rows, weights = fused_ids.zero_weight_drops(torch.tensor([3, -1, 0, -1, 9]))
+    assert torch.equal(rows, torch.tensor([3, 0, 0, 0, 9]))
+    assert torch.equal(weights, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="mode must be"):
+        with fused_ids.mode("gpu"):
+            pass
+
+
+def test_without_triton_even_mode_on_falls_back_to_torch(monkeypatch):
+    """No Triton (CI): the module imports, and even ``mode("on")`` gives the torch rows."""
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    fused_ids.triton_available.cache_clear()
+    try:
+        importlib.reload(fused_ids)  # the module itself never imports Triton
+        assert not fused_ids.triton_available()
+        ids = random_ids(50, 1000, 3)
+        with fused_ids.mode("on"):
+            assert fused_ids.rows(IdBatch([ids]), fused_ids.HASH, a=[7], b=[0]) is None
+            coll = CompressedEmbeddingBagCollection([FeatureSpec("a", 1000)], 8, {"a": Hash(rows=7)})
+            assert torch.equal(coll.transform_ids([ids])[0][0], hash_ids(ids, 7))
+    finally:
+        fused_ids.triton_available.cache_clear()
+
+
+def test_per_feature_tables_are_cached_and_starts_follow_the_counts():
+    batch = IdBatch([torch.arange(3), torch.arange(0), torch.arange(5)])
+    a = batch.per_feature([4, 5, 6])
+    assert a is batch.per_feature([4, 5, 6]) and a.dtype == torch.int64
+    assert torch.equal(batch.feature_starts(), torch.tensor([0, 3, 3, 8]))
+    # A constant that differs per feature is the small table gathered per id.
+    assert torch.equal(batch.constant([4, 5, 6]), torch.tensor([4, 4, 4, 6, 6, 6, 6, 6]))
+
+
+# -- the kernels (Triton's interpreter on a CPU) -----------------------------------------
+@needs_triton
+@pytest.mark.parametrize("kind", ["hash", "hybrid", "pruned"])
+def test_conformance_collections_fused_rows_equal_the_torch_rows(kind, interpreted, monkeypatch):
+    launched = count_launches(monkeypatch)
+    coll = build(kind)
+    for seed, counts in enumerate([(40, 300, 17), (0, 5, 0), (1, 1, 1), (0, 0, 0)]):
+        ids = [random_ids(c, f.num_embeddings, seed)[:c] if c else torch.zeros(0, dtype=torch.int64) for c, f in zip(counts, coll.features)]
+        assert_fused_rows_equal(coll, ids)
+    assert kind in launched
+
+
+@needs_triton
+def test_mixed_collection_fused_rows_equal_the_torch_rows(interpreted, monkeypatch):
+    """Every Hash/Hybrid/Pruned config of the interleaved collection: remaps and prefixes,
+    default and zero, per-feature rows and seeds (the feature search in the kernel)."""
+    launched = count_launches(monkeypatch)
+    coll = mixed_collection()
+    g = torch.Generator().manual_seed(0)
+    for seed in range(3):
+        counts = torch.randint(0, 40, (len(coll.features),), generator=g).tolist()
+        ids = [random_ids(c, f.num_embeddings, seed + 10 * i)[:c] for i, (c, f) in enumerate(zip(counts, coll.features))]
+        assert_fused_rows_equal(coll, ids)
+    assert {"hash", "hybrid", "pruned"} <= set(launched)
+
+
+@needs_triton
+def test_hash_kernel_over_extreme_ids_seeds_and_row_counts(interpreted):
+    """Ids at the int64 extremes, seeds up to 2**63 - 1, row counts from 1 to 2**62: the uint64
+    maths in the kernel equals hash_ids (out-of-place reference) and hash_rows (in place)."""
+    seeds = [0, 1, 2**63 - 1, 12345]
+    rows = [1, 3, 2**31 + 11, 2**62]
+    per_feature = [random_ids(700, 10**6, s) for s in range(4)]
+    batch = IdBatch(per_feature)
+    fused = fused_ids.rows(batch, fused_ids.HASH, a=rows, b=[seed_mix(s) for s in seeds], mix=fused_ids_mix())
+    assert fused is not None
+    expected = torch.cat([hash_ids(ids, r, s) for ids, r, s in zip(per_feature, rows, seeds)])
+    assert torch.equal(fused, expected)
+    assert torch.equal(fused, hash_rows(batch.ids, batch.constant(rows), batch.constant([seed_mix(s) for s in seeds])))
+    # Shared values: the kernel skips the feature search.
+    shared = fused_ids.rows(IdBatch(per_feature), fused_ids.HASH, a=[999] * 4, b=[seed_mix(7)] * 4, mix=fused_ids_mix())
+    assert torch.equal(shared, hash_ids(torch.cat(per_feature), 999, 7))
+
+
+def fused_ids_mix() -> tuple[int, int]:
+    from tablezip.compress.hashing import MIX
+
+    return MIX
+
+
+@needs_triton
+def test_kernel_crosses_blocks_and_reads_unaligned_views(interpreted):
+    """More ids than one block, and ids that start mid-storage (a group after other features)."""
+    values = random_ids(3000, 5000, 9)
+    parts = torch.split(values[7:], [1500, 1, values.numel() - 7 - 1501])
+    batch = IdBatch(list(parts))
+    assert batch.ids.data_ptr() == values[7:].data_ptr()  # a view, not a copy
+    layouts_rows = [300, 17, 4096]
+    fused = fused_ids.rows(batch, fused_ids.HASH, a=layouts_rows, b=[1, 2, 3], mix=fused_ids_mix())
+    reference = hash_rows(batch.ids, batch.constant(layouts_rows), batch.constant([1, 2, 3]))
+    assert torch.equal(fused, reference)
+
+
+@needs_triton
+def test_zero_weight_drops_kernel(interpreted):
+    rows = torch.tensor([5, -1, 0, -1, 7] * 500)
+    fused = fused_ids.zero_weight_drops(rows)
+    with fused_ids.mode("off"):
+        reference = fused_ids.zero_weight_drops(rows)
+    assert torch.equal(fused[0], reference[0]) and torch.equal(fused[1], reference[1])
+    assert fused[1].dtype == torch.float32
+
+
+@needs_triton
+@pytest.mark.parametrize("by_weight", [False, True])
+def test_collection_forward_and_steps_with_fused_transforms(interpreted, by_weight):
+    """Whole collection (Hash, Hybrid, Pruned zero and default, Full): the fused kernels and the
+    torch path train to the same tables; with drops by weight as on CUDA, and without."""
+    import copy
+
+    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([300, 5000, 40, 1000, 77, 2000])]
+    methods = {
+        "f0": Hash(rows=50, seed=3), "f1": Hybrid(hot=100, cold_rows=60, seed=1), "f2": Pruned(keep=7),
+        "f3": Pruned(keep=90, remap=False), "f4": Full(), "f5": Hybrid(hot=30, cold_rows=5, remap=True),
+    }  # fmt: skip
+    fused = CompressedEmbeddingBagCollection(features, 8, methods, seed=2)
+    fused.drop_by_weight = by_weight
+    reference = copy.deepcopy(fused)
+    names = fused.feature_names
+    for seed in range(2):
+        kjt = random_kjt(names, 16, 5000, seed, max_len=3)
+        outs = []
+        for model, m in ((reference, "off"), (fused, "on")):
+            with fused_ids.mode(m):
+                out = model(kjt).values()
+                out.pow(2).sum().backward()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(reference.table_weights(), fused.table_weights()):
+            assert torch.equal(a, b)
+    one_id = KeyedJaggedTensor(keys=names, values=torch.arange(6 * 4) * 211 - 3, lengths=torch.ones(24, dtype=torch.long))
+    with fused_ids.mode("off"):
+        expected = reference(one_id).values()
+    assert torch.equal(fused(one_id).values(), expected)
