@@ -3,11 +3,17 @@
 Same training budget for all (one epoch, same seeds, same hyper-parameters): the only thing that
 changes between rows is how the embedding tables are stored. Writes results/quality.{json,md,png}.
 
-    .venv/bin/python benchmarks/quality.py [--methods full,hash,...] [--ratios 2,10,100,1000] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/quality.py [--methods full,hash,...] [--ratios 2,10,100,1000] [--seeds 0,1,2] [--merge]
+
+``--merge`` re-runs only the given cells (method x ratio, or the ``--cells method:ratio`` list;
+Full only when ``full`` is among the methods) and merges them into the existing results: records
+of those cells are replaced, every other record is kept, and the table, notes and plot are
+rebuilt from the union.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import statistics
@@ -16,7 +22,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -25,10 +31,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_info, write_results  # noqa: E402
+from harness import RESULTS_DIR, env_info, write_results  # noqa: E402
 
+from tablezip.compress import KWay, MixedDim, full_bytes, methods_for_budget  # noqa: E402
 from tablezip.compress.budget import FITTERS  # noqa: E402
-from tablezip.pipelines.train import TrainConfig, train  # noqa: E402
+from tablezip.embeddings import FeatureSpec, MethodConfig  # noqa: E402
+from tablezip.pipelines.train import TrainConfig, feature_specs, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "criteo_sample_110k.tsv.gz"
@@ -45,19 +53,54 @@ def prepared_sample(work: Path) -> Path:
     return out
 
 
-def run(methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], work: Path) -> list[dict[str, Any]]:
+def fit_note(methods: Mapping[str, MethodConfig], features: Sequence[FeatureSpec]) -> str:
+    """What a budget fit chose beyond the method's plain form (a fallback op, deep partitions,
+    dropped rare ids), so the table says which variant a number belongs to; "" for none."""
+    notes = []
+    ops = sorted({m.op for m in methods.values() if hasattr(m, "op")})
+    if ops and ops != ["mult"]:
+        notes.append("op=" + "/".join(ops))
+    parts = max((len(m.partitions) for m in methods.values() if isinstance(m, KWay)), default=0)
+    if parts > 4:
+        notes.append(f"up to {parts} partitions")
+    kept = [(methods[f.name].keep, f.num_embeddings) for f in features
+            if isinstance(methods[f.name], MixedDim) and methods[f.name].keep is not None]  # fmt: skip
+    if kept:
+        notes.append(f"rarest ids dropped: {sum(k for k, _ in kept):,} of {sum(n for _, n in kept):,} ids of "
+                     f"{len(kept)} features keep a row")  # fmt: skip
+    return "; ".join(notes)
+
+
+def run(
+    cells: Sequence[tuple[str, float]], seeds: Sequence[int], work: Path, with_full: bool = True
+) -> list[dict[str, Any]]:
     data = prepared_sample(work)
-    trials = [("full", 1.0, s) for s in seeds] + [(m, r, s) for m in methods if m != "full" for r in ratios for s in seeds]
+    features = feature_specs(data)
+    trials = [("full", 1.0, s) for s in seeds] if with_full else []
+    trials += [(m, r, s) for m, r in cells if m != "full" for s in seeds]
     records = []
     for method, ratio, seed in tqdm(trials, desc="quality"):
+        config = TrainConfig(method=method, ratio=ratio, seed=seed)
         try:
-            result = train(data, TrainConfig(method=method, ratio=ratio, seed=seed), work / "runs", tracking_uri=None, progress=False)
+            # The budget train() computes, so the note describes the very configs it trains.
+            budget = int(full_bytes(features, config.dim) / config.ratio)
+            note = fit_note(methods_for_budget(method, features, config.dim, budget), features)
+            result = train(data, config, work / "runs", tracking_uri=None, progress=False)
             records.append({"method": method, "ratio_target": ratio, "seed": seed, "bytes": result.embedding_bytes,
                             "full_bytes": result.full_bytes, "ratio": result.ratio, "auc": result.test_auc,
                             "logloss": result.test_logloss, "examples_per_s": result.examples_per_second})
+            if note:
+                records[-1]["note"] = note
         except Exception as err:  # a failing method is a result too; the others go on
             records.append({"method": method, "ratio_target": ratio, "seed": seed, "error": f"{type(err).__name__}: {err}"})
     return records
+
+
+def merge_records(old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` without the cells (method, target ratio) that ``new`` re-ran, failed trials
+    included, then ``new``: a cell's seeds always come from one run."""
+    rerun = {(r["method"], r["ratio_target"]) for r in new}
+    return [r for r in old if (r["method"], r["ratio_target"]) not in rerun] + list(new)
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, float]]:
@@ -82,10 +125,14 @@ def markdown(records: Sequence[dict[str, Any]], ratios: Sequence[float], env: di
     summary = summarise(records)
     full = summary.get(("full", 1.0))
     methods = sorted({m for m, _ in summary if m != "full"})
+    runs = list(dict.fromkeys((r["env"]["command"], r["env"]["git_commit"][:10]) for r in records if "env" in r))
+    runs = runs or [(env["command"], env["git_commit"][:10])]
     lines = [
         "# Quality per method and byte budget (DLRM, Criteo sample, test = last 22,000 rows)",
         "",
-        f"`{env['command']}` at commit {env['git_commit'][:10]}; mean +- std over seeds, AUC on the test split.",
+        "; ".join(f"`{command}` at commit {commit}" for command, commit in runs)
+        + ("" if len(runs) == 1 else " (merged: each cell's seeds come from one run)")
+        + "; mean +- std over seeds, AUC on the test split.",
         "",
     ]
     if full:
@@ -99,6 +146,13 @@ def markdown(records: Sequence[dict[str, Any]], ratios: Sequence[float], env: di
             s = summary.get((m, r))
             cells.append(f"{s['auc']:.4f} +- {s['auc_std']:.4f} ({s['ratio']:.0f}x)" if s else "failed")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    notes = {(r["method"], r["ratio_target"]): r["note"] for r in records if r.get("note")}
+    if notes:
+        lines += ["", "What the budget fit chose below the plain method's minimum (mean logloss in brackets):", ""]
+        for (m, r), note in sorted(notes.items()):
+            s = summary.get((m, r))
+            logloss = f" (logloss {s['logloss']:.4f})" if s else ""
+            lines.append(f"- {m} {r:g}x{logloss}: {note}")
     errors = [r for r in records if "error" in r]
     if errors:
         lines += ["", "Failed trials:", ""] + [f"- {e['method']} {e['ratio_target']:g}x seed {e['seed']}: {e['error']}" for e in errors]
@@ -130,17 +184,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ratios", default="2,10,100,1000")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--name", default="quality")
+    parser.add_argument("--cells", default="",
+                        help="method:ratio pairs to run instead of --methods x --ratios, e.g. md:10,qr:100")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the re-run cells into the existing results/<name>.json instead of replacing it")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in args.ratios.split(",")]
+    cells = [(m, r) for m in methods for r in ratios]
+    if args.cells:
+        try:
+            cells = [(m, float(r)) for m, r in (c.split(":") for c in args.cells.split(",") if c)]
+        except ValueError:
+            parser.error(f"--cells must be method:ratio pairs separated by commas, got {args.cells!r}")
+        methods = list(dict.fromkeys(m for m, _ in cells))
+        ratios = sorted({r for _, r in cells})
+    unknown = sorted({m for m, _ in cells} - set(FITTERS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; allowed: {sorted(FITTERS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     env = env_info()
+    previous = RESULTS_DIR / f"{args.name}.json"
+    if args.merge and not previous.exists():
+        parser.error(f"--merge: no {previous} to merge into")
     with tempfile.TemporaryDirectory() as tmp:
-        records = run(methods, ratios, seeds, Path(tmp))
+        records = run(cells, seeds, Path(tmp), with_full=not args.merge or "full" in methods)
     for r in records:
         r["env"] = env
+    if args.merge:
+        records = merge_records(json.loads(previous.read_text()), records)
+        ratios = sorted({r["ratio_target"] for r in records if r["method"] != "full"})
     table = markdown(records, ratios, env)
     write_results(args.name, records, table, plot(records))
     print(table)

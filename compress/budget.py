@@ -1,6 +1,7 @@
 """Fit a method to a collection-wide byte budget: one entry per method that can be budgeted."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Mapping, Sequence
 
 from tablezip.embeddings.features import FeatureSpec
@@ -17,16 +18,19 @@ from .unified import unified_methods_for_budget
 
 BudgetFitter = Callable[[Sequence[FeatureSpec], int, int], Mapping[str, MethodConfig]]
 
+# qr, kway and md fall back to their low-budget variants (QR/KWay with op="concat" and, for
+# KWay, more partitions; MixedDim dropping the rarest ids' rows) only where the budget cannot be
+# met otherwise, so a budget that fits the plain method gets the same configs as before.
 FITTERS: dict[str, BudgetFitter] = {
     "full": lambda features, dim, budget: {f.name: Full() for f in features},
     "hash": hash_methods_for_budget,
     "multihash": multihash_methods_for_budget,
-    "qr": qr_methods_for_budget,
-    "kway": kway_methods_for_budget,
+    "qr": partial(qr_methods_for_budget, fallback=True),
+    "kway": partial(kway_methods_for_budget, fallback=True),
     "unified": unified_methods_for_budget,
     "hybrid": hybrid_methods_for_budget,
     "pruned": pruned_methods_for_budget,
-    "md": mixed_dim_methods_for_budget,
+    "md": partial(mixed_dim_methods_for_budget, drop_rare=True),
 }
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence, cast
+from typing import Callable, Hashable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -295,20 +295,8 @@ def fit_partitions(
     feature takes its most preferred structure under the cap, and features whose Full table fits
     under it stay Full.
     """
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    if not _is_int(max_partitions) or not 2 <= max_partitions <= MAX_PARTITIONS:
-        raise ValueError(f"max_partitions must be an integer in [2, {MAX_PARTITIONS}], got {max_partitions!r}")
-    full = {f.name: (f.num_embeddings + 1) * dim * FLOAT_BYTES for f in features}
-    options = {f.name: _candidates(f.num_embeddings + 1, dim, op, max_partitions) for f in features}
-
-    def total(cap: int) -> int:
-        out = 0
-        for name, (costs, _) in options.items():
-            i = _choose(full[name], costs, cap)
-            out += full[name] if i < 0 else int(costs[i])
-        return out
-
+    _check_fit_args(op, max_partitions)
+    full, options, total = _water_filling(features, dim, op, max_partitions)
     smallest = total(0)
     if budget_bytes < smallest:
         raise ValueError(
@@ -323,24 +311,119 @@ def fit_partitions(
     return chosen
 
 
+def _check_fit_args(op: object, max_partitions: object) -> None:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if not _is_int(max_partitions) or not 2 <= max_partitions <= MAX_PARTITIONS:  # type: ignore[operator]
+        raise ValueError(f"max_partitions must be an integer in [2, {MAX_PARTITIONS}], got {max_partitions!r}")
+
+
+def _water_filling(
+    features: Sequence[FeatureSpec], dim: int, op: str, max_partitions: int
+) -> tuple[dict[str, int], dict[str, tuple[np.ndarray, list[tuple[int, ...]]]], Callable[[int], int]]:
+    """Full bytes and candidate structures per feature, and the collection's bytes under a cap."""
+    full = {f.name: (f.num_embeddings + 1) * dim * FLOAT_BYTES for f in features}
+    options = {f.name: _candidates(f.num_embeddings + 1, dim, op, max_partitions) for f in features}
+
+    def total(cap: int) -> int:
+        out = 0
+        for name, (costs, _) in options.items():
+            i = _choose(full[name], costs, cap)
+            out += full[name] if i < 0 else int(costs[i])
+        return out
+
+    return full, options, total
+
+
+def smallest_bytes(features: Sequence[FeatureSpec], dim: int, op: str, max_partitions: int) -> int:
+    """Fewest bytes any fit with ``op`` and at most ``max_partitions`` partitions can reach: every
+    feature at its cheapest structure, or Full where that is smaller."""
+    return _water_filling(features, dim, op, max_partitions)[2](0)
+
+
+def concat_partitions(dim: int) -> int:
+    """Most partitions ``op='concat'`` can split ``dim`` into (each table ``dim / k`` wide, a
+    multiple of ``TBE_ALIGN``); 0 when not even two fit."""
+    legal = [k for k in range(2, MAX_PARTITIONS + 1) if dim % k == 0 and (dim // k) % TBE_ALIGN == 0]
+    return max(legal, default=0)
+
+
+def fit_with_fallbacks(
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget_bytes: int,
+    ladder: Sequence[tuple[str, int]],
+    method: str,
+    hint: str = "",
+) -> tuple[str, dict[str, tuple[int, ...] | None]]:
+    """``(op, fit_partitions(...))`` for the first ``(op, max_partitions)`` step of ``ladder``
+    whose structures fit ``budget_bytes``. ValueError naming ``budget_bytes`` and the least any
+    step can reach (bytes, and as a ratio of Full) when none fits."""
+    for op, parts in ladder:
+        _check_fit_args(op, parts)
+    for op, parts in ladder:
+        if smallest_bytes(features, dim, op, parts) <= budget_bytes:
+            return op, fit_partitions(features, dim, budget_bytes, op, parts)
+    least = min(smallest_bytes(features, dim, op, parts) for op, parts in ladder)
+    full = sum((f.num_embeddings + 1) * dim * FLOAT_BYTES for f in features)
+    tried = ", ".join(f"op={op!r} with <= {parts} partitions" for op, parts in ladder)
+    raise ValueError(
+        f"budget_bytes={budget_bytes} is below the smallest {method} structure of these features "
+        f"({least} bytes, {full / least:.0f}x smaller than Full; tried {tried}){hint}"
+    )
+
+
 def qr_methods_for_budget(
-    features: Sequence[FeatureSpec], dim: int, budget_bytes: int, op: str = "mult"
+    features: Sequence[FeatureSpec], dim: int, budget_bytes: int, op: str = "mult", fallback: bool = False
 ) -> Mapping[str, Full | QR]:
     """Per feature the fewest ``collisions`` that keep the total within ``budget_bytes`` (one
     water-filled byte cap); small features stay Full.
 
     Two partitions bottom out at ``~2 sqrt(N)`` rows per feature; use
     ``kway_methods_for_budget`` for budgets below that.
+
+    ``fallback``: when no ``op`` structure fits, try ``op='concat'`` (the quotient and remainder
+    tables each ``D / 2`` wide, so the same rows cost half the bytes) before raising. QR stays
+    QR: two complementary partitions, so distinct ids keep distinct vectors. Below the concat
+    minimum the ValueError names it; that is where ``kway_methods_for_budget`` is needed.
+    Off by default; budgets that fit with ``op`` give the same configs either way.
     """
-    fitted = fit_partitions(features, dim, budget_bytes, op, max_partitions=2)
-    return {name: Full() if p is None else QR(collisions=p[1], op=op) for name, p in fitted.items()}
+    ladder = [(op, 2)]
+    if fallback and op != "concat" and concat_partitions(dim) >= 2:
+        ladder.append(("concat", 2))
+    hint = "; below that use kway (k-way partitions, kway_methods_for_budget)"
+    chosen, fitted = fit_with_fallbacks(features, dim, budget_bytes, ladder, "QR", hint)
+    return {name: Full() if p is None else QR(collisions=p[1], op=chosen) for name, p in fitted.items()}
 
 
 def kway_methods_for_budget(
-    features: Sequence[FeatureSpec], dim: int, budget_bytes: int, op: str = "mult", max_partitions: int = 4
+    features: Sequence[FeatureSpec],
+    dim: int,
+    budget_bytes: int,
+    op: str = "mult",
+    max_partitions: int = 4,
+    fallback: bool = False,
 ) -> Mapping[str, Full | KWay]:
     """Like ``qr_methods_for_budget``, but a feature whose two-way minimum exceeds the cap gets
     more partitions (nested QR, ``~k N^(1/k)`` rows), down to ``max_partitions``: the fewest
-    partitions that fit are preferred, since each extra one makes more ids share rows."""
-    fitted = fit_partitions(features, dim, budget_bytes, op, max_partitions=max_partitions)
-    return {name: Full() if p is None else KWay(partitions=p, op=op) for name, p in fitted.items()}
+    partitions that fit are preferred, since each extra one makes more ids share rows.
+
+    ``fallback``: when nothing fits, first allow up to ``MAX_PARTITIONS`` partitions: ``k N^(1/k)``
+    rows are least near ``k = ln N`` (about ``e ln N`` rows, e.g. 29 for N = 37884), and the
+    water-filling still gives each feature the fewest partitions under its cap. With ``D``-wide
+    tables (``mult``/``add``) that floor is about ``e ln N`` full rows per feature, so
+    ``op='concat'`` with as many partitions as ``D`` allows (tables ``D / k`` wide) is the last
+    resort: the same digits, ``k`` times fewer bytes per row, but each slice of the vector then
+    comes from one partition alone, so ids sharing a digit share that slice exactly, which is
+    why it is not tried first. Every step keeps complementary partitions (their product covers
+    every id), so distinct ids keep distinct row tuples and vectors. Off by default; budgets
+    that fit without it give the same configs.
+    """
+    ladder = [(op, max_partitions)]
+    if fallback:
+        if max_partitions < MAX_PARTITIONS:
+            ladder.append((op, MAX_PARTITIONS))
+        if op != "concat" and concat_partitions(dim) >= 2:
+            ladder.append(("concat", MAX_PARTITIONS))
+    chosen, fitted = fit_with_fallbacks(features, dim, budget_bytes, ladder, "k-way")
+    return {name: Full() if p is None else KWay(partitions=p, op=chosen) for name, p in fitted.items()}

@@ -21,6 +21,11 @@ budget, since rounding and the skipped full-width projections make bytes step-wi
 
 Two departures, both forced by the storage: dims are rounded to multiples of 4 (fbgemm's TBE only
 accepts such row widths) instead of to integers, and clamped to ``[min_dim, cap]``.
+
+Budgets below one ``min_dim``-wide row per id (about ``D / 4`` times less than Full) are reached
+by letting the rule's width round down to 0 for the rarest ids: they keep no row and read a zero
+vector (``MixedDim.keep``; ``mixed_dim_methods_for_budget(drop_rare=True)`` picks it with one
+scale for the whole collection, and only where a row per id cannot fit).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full, batch_oov_rows, oov_rows
+from .search import largest_fitting
 
 ALIGN = 4  # fbgemm TBE rows must be a multiple of 4 floats wide
 DEFAULT_BLOCKS = 4
@@ -68,6 +74,18 @@ class MixedDim(MethodConfig):
 
     Ids outside ``[0, num_embeddings)`` (negative or too large) share one OOV row: the extra,
     last row of the LAST (rarest) block, because values unseen in training are the rarest of all.
+
+    ``keep`` (None, or an integer in ``[1, num_embeddings]``): only the ``keep`` most frequent
+    ids have a row; rarer ids, and ids outside ``[0, num_embeddings)``, read none (a zero vector,
+    as if their width were 0). Blocks that start at rank ``keep`` or later disappear, the last
+    remaining block stores rows for ranks below ``keep`` only, and there is no OOV row. Why
+    dropping and not hashing the tail into fewer rows: dim 0 is where the paper's rule
+    ``d = lambda * p^alpha`` goes for the rarest ids, a hashed row would give unrelated ids one
+    vector instead, which is not "less capacity" but wrong capacity, and Hybrid already covers
+    exact-head-plus-hashed-tail; on the bundled Criteo sample zero vectors for the rarest ids
+    (Pruned) also scored slightly above a hashed tail (Hybrid) at 10x, 100x and 1000x
+    (``benchmarks/results/quality.md``). And the id maths stay the block test, so the batched
+    transform is unchanged. None (default) keeps a row for every id, as before.
     """
 
     kind = "mixed_dim"
@@ -79,10 +97,17 @@ class MixedDim(MethodConfig):
     sizes: tuple[int, ...] | None = None
     budget_bytes: int | None = None
     remap: bool | None = None
+    keep: int | None = None
 
     def __post_init__(self) -> None:
         self._check_scalars()
         self._check_blocks()
+        if self.keep is not None:
+            if not _is_int(self.keep) or self.keep < 1:
+                raise ValueError(
+                    f"MixedDim.keep must be None or an integer in [1, num_embeddings], got {self.keep!r}"
+                )
+            object.__setattr__(self, "keep", int(self.keep))  # numpy ints are not JSON
         if self.budget_bytes is not None:
             if not _is_int(self.budget_bytes) or self.budget_bytes < 1:
                 raise ValueError(f"MixedDim.budget_bytes must be an integer >= 1, got {self.budget_bytes!r}")
@@ -175,13 +200,37 @@ def block_sizes(num_embeddings: int, blocks: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def block_popularity(ranked_counts: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """``p_i``: mean per-id query probability of each block (counts given in rank order)."""
+def block_popularity(ranked_counts: np.ndarray, sizes: Sequence[int], total: float | None = None) -> np.ndarray:
+    """``p_i``: mean per-id query probability of each block (counts given in rank order).
+
+    ``total`` is the feature's whole count when ``ranked_counts`` is only its kept prefix (the
+    blocks of a layout with ``keep``), so ``p_i`` stays a probability per query of the feature."""
     ranked = np.asarray(ranked_counts, dtype=np.float64)
-    total = ranked.sum()
+    total = ranked.sum() if total is None else total
     edges = np.concatenate([[0], np.cumsum(sizes)])
     mass = np.add.reduceat(ranked, edges[:-1]) if len(ranked) else np.zeros(len(sizes))
     return mass / total / np.asarray(sizes, dtype=np.float64)
+
+
+def truncate_blocks(sizes: Sequence[int], keep: int | None) -> list[int]:
+    """Ids per block once ranks ``>= keep`` lose their rows: blocks that start at ``keep`` or
+    later are merged into the last block that starts before it (their ids read no row anyway,
+    so one block holds every dropped id). The sizes still sum to ``num_embeddings``."""
+    sizes = [int(s) for s in sizes]
+    if keep is None:
+        return sizes
+    starts = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.int64)
+    last = int(np.searchsorted(starts, keep, side="left")) - 1  # last block starting below keep
+    return sizes[:last] + [sum(sizes[last:])]
+
+
+def table_rows(sizes: Sequence[int], keep: int | None) -> list[int]:
+    """Rows of each block's table: its ids, plus the shared OOV row in the last block; with
+    ``keep`` (blocks already ``truncate_blocks``-ed) the last block only stores ranks below
+    ``keep`` and there is no OOV row."""
+    rows = [int(s) for s in sizes]
+    rows[-1] = rows[-1] + 1 if keep is None else keep - sum(rows[:-1])
+    return rows
 
 
 def alpha_dims(popularity: np.ndarray, alpha: float, scale: float | np.ndarray, min_dim: int, cap: int) -> np.ndarray:
@@ -206,24 +255,29 @@ def merge_equal_dims(sizes: Sequence[int], dims: Sequence[int]) -> list[tuple[in
     return [(s, d) for s, d in merged]
 
 
-def mixed_dim_bytes(sizes: Sequence[int], dims: Sequence[int], dim: int, remap: bool) -> int:
-    """Exact bytes of a layout: block tables (the last one holds the OOV row too), one ``d x D``
-    projection per run of adjacent blocks of one width ``d < D`` (they are merged), and the int32
-    remap when one is asked for and there is more than one block to choose between (a single
-    block holds every id in id order, so ranking it would buy nothing)."""
-    return int(_bytes_for_candidates(sizes, np.asarray([dims], dtype=np.int64), dim, remap)[0])
+def mixed_dim_bytes(
+    sizes: Sequence[int], dims: Sequence[int], dim: int, remap: bool, keep: int | None = None
+) -> int:
+    """Exact bytes of a layout: block tables (``table_rows``: the last one holds the OOV row
+    too, or only ranks below ``keep``), one ``d x D`` projection per run of adjacent blocks of
+    one width ``d < D`` (they are merged), and the int32 remap when one is asked for and ranks
+    decide something: more than one block to choose between, or which ids keep a row (a single
+    block without ``keep`` holds every id in id order, so ranking it would buy nothing).
+    ``sizes`` with ``keep`` are the ``truncate_blocks`` ones, summing to ``num_embeddings``."""
+    return int(_bytes_for_candidates(sizes, np.asarray([dims], dtype=np.int64), dim, remap, keep)[0])
 
 
-def _bytes_for_candidates(sizes: Sequence[int], dims: np.ndarray, dim: int, remap: bool) -> np.ndarray:
+def _bytes_for_candidates(
+    sizes: Sequence[int], dims: np.ndarray, dim: int, remap: bool, keep: int | None = None
+) -> np.ndarray:
     """``mixed_dim_bytes`` for every row of ``dims`` ([candidates, blocks]) at once."""
-    rows = np.asarray(sizes, dtype=np.int64).copy()
-    rows[-1] += 1
+    rows = np.asarray(table_rows(sizes, keep), dtype=np.int64)
     tables = dims @ rows
     starts_run = np.ones_like(dims, dtype=bool)
     starts_run[:, 1:] = dims[:, 1:] != dims[:, :-1]
     projections = np.where((dims < dim) & starts_run, dims, 0).sum(axis=1) * dim
-    several = starts_run[:, 1:].any(axis=1)
-    remap_bytes = np.where(several, int(rows.sum()) * REMAP_ITEM_BYTES, 0) if remap else 0
+    ranked = starts_run[:, 1:].any(axis=1) | (keep is not None)
+    remap_bytes = np.where(ranked, (int(sum(sizes)) + 1) * REMAP_ITEM_BYTES, 0) if remap else 0
     return (tables + projections) * FLOAT_BYTES + remap_bytes
 
 
@@ -263,6 +317,7 @@ def solve_mixed_dims(
     sizes: Sequence[int] | None = None,
     num_embeddings: int | None = None,
     remap: bool | None = None,
+    keep: int | None = None,
 ) -> list[tuple[int, int]]:
     """``(ids, dim)`` per block, most popular block first; ids per block exclude the OOV row, and
     adjacent blocks that the rule gives one width are merged (``merge_equal_dims``).
@@ -272,6 +327,9 @@ def solve_mixed_dims(
     the largest alpha-rule scale whose exact bytes (``mixed_dim_bytes``; ``remap`` None charges a
     remap when the counts are unsorted) fit ``budget_bytes``. ValueError naming ``budget_bytes``
     when no scale fits.
+
+    ``keep``: only ranks below it get rows (see ``MixedDim.keep``); the blocks are
+    ``truncate_blocks``-ed and each block's popularity is that of its kept ids.
     """
     n = len(counts) if counts is not None else num_embeddings
     if n is None or n < 1:
@@ -284,8 +342,15 @@ def solve_mixed_dims(
     sizes = list(sizes) if sizes is not None else block_sizes(n, blocks)
     if sum(sizes) != n or min(sizes) < 1:
         raise ValueError(f"MixedDim.sizes must be >= 1 each and sum to {n} ids, got {sizes}")
+    if keep is not None and not 1 <= keep <= n:
+        raise ValueError(f"MixedDim.keep must be in [1, num_embeddings={n}], got {keep}")
+    sizes = truncate_blocks(sizes, keep)
     ranked = _ranked_counts(counts, n)
-    popularity = block_popularity(ranked, sizes)
+    if keep is None:
+        popularity = block_popularity(ranked, sizes)
+    else:
+        kept = sizes[:-1] + [keep - sum(sizes[:-1])]
+        popularity = block_popularity(ranked[:keep], kept, total=float(ranked.sum()))
     if budget_bytes is None:
         scale = cap / np.power(popularity.max(), alpha)
         dims = alpha_dims(popularity, alpha, scale, min_dim, cap)
@@ -293,12 +358,13 @@ def solve_mixed_dims(
         remap = needs_remap(counts) if remap is None else remap
         candidates = _candidate_scales(popularity, alpha, cap)
         all_dims = alpha_dims(popularity, alpha, candidates, min_dim, cap)
-        candidate_bytes = _bytes_for_candidates(sizes, all_dims, dim, remap)
+        candidate_bytes = _bytes_for_candidates(sizes, all_dims, dim, remap, keep)
         fits = np.nonzero(candidate_bytes <= budget_bytes)[0]
         if len(fits) == 0:
             least = int(candidate_bytes.min())
             raise ValueError(
-                f"MixedDim.budget_bytes={budget_bytes} cannot hold one {min_dim}-wide row per id in "
+                f"MixedDim.budget_bytes={budget_bytes} cannot hold one {min_dim}-wide row per "
+                f"{'id' if keep is None else f'kept id (keep={keep})'} in "
                 f"{len(sizes)} blocks plus their projections{' and remap' if remap else ''} "
                 f"(needs >= {least} bytes)"
             )
@@ -335,7 +401,10 @@ class MixedDimLayout(FeatureLayout):
         assert resolved.sizes is not None and resolved.dims is not None
         self.sizes = list(resolved.sizes)
         self.dims = list(resolved.dims)
-        self._rows = self.sizes[:-1] + [self.sizes[-1] + 1]  # the OOV row closes the last block
+        self.keep = resolved.keep
+        # The OOV row closes the last block; with keep, the last block ends at rank keep - 1 and
+        # every rarer rank (the OOV rank included) falls past it: -1 in every slot, dropped.
+        self._rows = table_rows(self.sizes, self.keep)
         starts = [0] + np.cumsum(self.sizes[:-1]).tolist()
         # Derived from the config, so not part of the state (and not of the bytes).
         self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64), persistent=False)
@@ -367,8 +436,9 @@ class MixedDimLayout(FeatureLayout):
     @property
     def may_drop(self) -> bool:  # type: ignore[override]
         """Every id lives in exactly one block's slot (-1 in the others); a single block (the
-        paper's table-level sizing) holds every id, so nothing is dropped and no drop is paid."""
-        return len(self.dims) > 1
+        paper's table-level sizing) holds every id, so nothing is dropped and no drop is paid,
+        unless ``keep`` leaves the rarest ids without a row."""
+        return len(self.dims) > 1 or self.keep is not None
 
     def tables(self) -> list[TableSpec]:
         return [TableSpec(r, d) for r, d in zip(self._rows, self.dims)]
@@ -434,24 +504,30 @@ def resolve(feature: FeatureSpec, dim: int, config: MixedDim) -> MixedDim:
         raise ValueError(f"MixedDim.sizes must sum to num_embeddings={n} of {feature.name!r}, got {sum(config.sizes)}")
     if config.dims is not None and config.sizes is None and len(config.dims) > n:
         raise ValueError(f"MixedDim.dims has {len(config.dims)} blocks, more than the {n} ids of {feature.name!r}")
+    if config.keep is not None and config.keep > n:
+        raise ValueError(f"MixedDim.keep must be in [1, num_embeddings={n}] for {feature.name!r}, got {config.keep}")
     unsorted = needs_remap(feature.counts)
     wanted = unsorted if config.remap is None else config.remap
     sizes = config.sizes or tuple(block_sizes(n, config.block_count))
     if config.dims is not None:
-        blocks = merge_equal_dims(sizes, config.dims)
+        truncated = truncate_blocks(sizes, config.keep)
+        blocks = merge_equal_dims(truncated, config.dims[: len(truncated)])
     else:
         blocks = solve_mixed_dims(
             feature.counts, dim, config.alpha, len(sizes), config.budget_bytes,
             base_dim=config.base_dim, min_dim=config.min_dim, sizes=sizes, num_embeddings=n, remap=wanted,
+            keep=config.keep,
         )  # fmt: skip
-    if unsorted and not wanted and len(blocks) > 1:
+    ranked = len(blocks) > 1 or config.keep is not None  # ranks decide a block or a row
+    if unsorted and not wanted and ranked:
         raise ValueError(
             f"MixedDim.remap=False but the counts of {feature.name!r} are not sorted descending, so "
-            f"ids cannot be put in frequency blocks without one; use remap=None or True"
+            f"ids cannot be put in frequency blocks (or kept by frequency) without one; use remap=None or True"
         )
     return MixedDim(
         alpha=config.alpha, blocks=len(blocks), base_dim=config.base_dim, min_dim=config.min_dim,
-        dims=tuple(d for _, d in blocks), sizes=tuple(s for s, _ in blocks), remap=wanted and len(blocks) > 1,
+        dims=tuple(d for _, d in blocks), sizes=tuple(s for s, _ in blocks), remap=wanted and ranked,
+        keep=config.keep,
     )  # fmt: skip
 
 
@@ -466,6 +542,7 @@ def mixed_dim_methods_for_budget(
     alpha: float = 0.3,
     blocks: int = 1,
     min_dim: int = ALIGN,
+    drop_rare: bool = False,
 ) -> Mapping[str, Full | MixedDim]:
     """Spend a collection-wide byte budget with ONE alpha-rule scale for every block of every
     feature.
@@ -482,6 +559,11 @@ def mixed_dim_methods_for_budget(
     threads) fwd+bwd ran at about 0.7x of Full with 1 block, 0.57x with 2 and 0.5x with 4, with
     test AUC on the bundled sample equal within seed noise. Pass ``blocks=4`` for frequency
     blocks inside each feature.
+
+    ``drop_rare``: when even one ``min_dim``-wide row per id (Full where smaller) exceeds the
+    budget, let the rule's width of the rarest ids round down to 0 (``MixedDim.keep``) instead
+    of raising; see ``_fit_dropping_rare``. Off by default. It only changes budgets that cannot
+    be met with a row for every id: any budget that fits without it gives the same configs.
     """
     MixedDim(alpha=alpha, blocks=blocks, min_dim=min_dim)  # validates the shared fields
     if not _is_aligned_dim(dim) or min_dim > dim:
@@ -493,6 +575,8 @@ def mixed_dim_methods_for_budget(
     per_feature = [p.bytes_at(candidates, min_dim) for p in plans]  # (bytes [C], dims [C, k]) each
     total = np.sum([np.minimum(b, p.full) for p, (b, _) in zip(plans, per_feature)], axis=0)
     fits = np.nonzero(total <= budget_bytes)[0]
+    if len(fits) == 0 and drop_rare:
+        return _fit_dropping_rare(plans, budget_bytes, min_dim)
     if len(fits) == 0:
         least = int(total.min())
         raise ValueError(
@@ -513,6 +597,76 @@ def mixed_dim_methods_for_budget(
     return methods
 
 
+def _fit_dropping_rare(plans: Sequence["_FeaturePlan"], budget_bytes: int, min_dim: int) -> dict[str, Full | MixedDim]:
+    """The one-scale rule with widths allowed to round down to 0, for budgets below a row per id.
+
+    The paper's ``d = scale * p^alpha`` (``p``: the id's own query probability) rounds to the
+    nearest multiple of ``ALIGN``; where that is 0, i.e. ``scale * p^alpha < ALIGN / 2``, the id
+    gets no row (``MixedDim.keep``). So one scale decides, in every feature at once, which ids
+    keep a row (every id at least as popular as some ``p*``: the rarest ones go first, whatever
+    their feature) and how wide the kept blocks are (the rule over each block's kept ids,
+    clamped to ``[min_dim, D]``). Every kept row costs the same, so keeping the most queried ids
+    of the whole collection is also what serves the most lookups per byte.
+
+    The scale is parameterised by the last kept id: the pairs (feature, rank) in
+    ``popularity_order``, a prefix of ``L`` of them kept, scale ``(ALIGN / 2) / p_L^alpha`` (the
+    smallest at which the ``L``-th id's width rounds up to ``ALIGN``). Ties are broken by rank,
+    so the budget is met id by id even inside the large groups of equally rare ids (ids seen
+    once). Each feature keeps at least one row (a table needs one), or stays Full where that is
+    smaller. Bytes grow with ``L`` except where a block's width steps down as rarer ids lower its
+    mean popularity, so the binary search returns an ``L`` that fits while ``L + 1`` does not.
+    """
+    features, ranks = popularity_order([plan.probability for plan in plans])
+    positions = [np.flatnonzero(features == i) for i in range(len(plans))]  # rank order within each
+    alpha = plans[0].alpha
+
+    def layouts(prefix: int) -> list[tuple[int, list[int], np.ndarray, int]]:
+        last = plans[int(features[prefix - 1])].probability[int(ranks[prefix - 1])]
+        scale = (ALIGN / 2) / last**alpha
+        out = []
+        for plan, pos in zip(plans, positions):
+            keep = max(1, int(np.searchsorted(pos, prefix)))
+            out.append((keep, *plan.layout_keeping(keep, scale, min_dim)))
+        return out
+
+    def total(prefix: int) -> int:
+        return sum(min(nbytes, plan.full) for plan, (_, _, _, nbytes) in zip(plans, layouts(prefix)))
+
+    least = total(1)
+    if least > budget_bytes:
+        raise ValueError(
+            f"budget_bytes={budget_bytes} is below the smallest mixed-dim collection that drops rare ids "
+            f"({least} bytes: one {min_dim}-wide row and its projection per feature, plus the int32 "
+            f"id -> rank array of features whose counts are not sorted, or Full where that is smaller)"
+        )
+    prefix = largest_fitting(1, len(features), lambda L: total(L) <= budget_bytes)
+    methods: dict[str, Full | MixedDim] = {}
+    for plan, (keep, sizes, dims, nbytes) in zip(plans, layouts(prefix)):
+        if plan.full <= nbytes:
+            methods[plan.feature.name] = Full()
+            continue
+        blocks_ = merge_equal_dims(sizes, dims)
+        methods[plan.feature.name] = MixedDim(
+            alpha=alpha, blocks=len(blocks_), min_dim=min_dim, remap=plan.remap, keep=keep,
+            dims=tuple(d for _, d in blocks_), sizes=tuple(s for s, _ in blocks_),
+        )  # fmt: skip
+    return methods
+
+
+def popularity_order(probabilities: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(feature index, rank) of every id with a non-zero query probability, most popular first.
+
+    ``probabilities[f]`` is feature ``f``'s per-id probability in rank order (non-increasing).
+    Ties go to the smaller rank, then to the earlier feature, so each feature's ids appear in
+    rank order and any prefix keeps a rank prefix of every feature."""
+    p = np.concatenate([np.asarray(q, dtype=np.float64) for q in probabilities])
+    features = np.repeat(np.arange(len(probabilities)), [len(q) for q in probabilities])
+    ranks = np.concatenate([np.arange(len(q)) for q in probabilities])
+    order = np.lexsort((features, ranks, -p))
+    order = order[p[order] > 0]  # a zero-probability id's width is 0 at every scale
+    return features[order], ranks[order]
+
+
 class _FeaturePlan:
     """A feature's blocks and their popularity, for evaluating many candidate scales at once."""
 
@@ -521,10 +675,22 @@ class _FeaturePlan:
         self.dim = dim
         self.alpha = alpha
         self.sizes = block_sizes(feature.num_embeddings, blocks)
-        self.popularity = block_popularity(_ranked_counts(feature.counts, feature.num_embeddings), self.sizes)
+        self.ranked = _ranked_counts(feature.counts, feature.num_embeddings)
+        self.total = float(self.ranked.sum())
+        self.probability = self.ranked / self.total
+        self.popularity = block_popularity(self.ranked, self.sizes)
         self.remap = needs_remap(feature.counts)
         self.full = (feature.num_embeddings + 1) * dim * FLOAT_BYTES
 
     def bytes_at(self, scales: np.ndarray, min_dim: int) -> tuple[np.ndarray, np.ndarray]:
         dims = alpha_dims(self.popularity, self.alpha, scales, min_dim, self.dim)
         return _bytes_for_candidates(self.sizes, dims, self.dim, self.remap), dims
+
+    def layout_keeping(self, keep: int, scale: float, min_dim: int) -> tuple[list[int], np.ndarray, int]:
+        """(truncated sizes, dims, exact bytes) when only the ``keep`` most popular ids have rows
+        and the kept blocks get the rule's widths at ``scale``."""
+        sizes = truncate_blocks(self.sizes, keep)
+        kept = sizes[:-1] + [keep - sum(sizes[:-1])]
+        popularity = block_popularity(self.ranked[:keep], kept, total=self.total)
+        dims = alpha_dims(popularity, self.alpha, scale, min_dim, self.dim)
+        return sizes, dims, mixed_dim_bytes(sizes, dims, self.dim, self.remap, keep)

@@ -18,8 +18,10 @@ from tablezip.compress.compositional import (
     init_bound,
     kway_methods_for_budget,
     mixed_radix_digits,
+    concat_partitions,
     qr_methods_for_budget,
     qr_split,
+    smallest_bytes,
 )
 from tablezip.compress import Full, full_bytes
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
@@ -335,3 +337,65 @@ def test_fitter_rejects_bad_arguments():
         qr_methods_for_budget(CRITEO_FEATURES, DIM, FULL // 2, op="max")
     with pytest.raises(ValueError, match="max_partitions"):
         kway_methods_for_budget(CRITEO_FEATURES, DIM, FULL // 2, max_partitions=1)
+
+
+# -- fallbacks below the plain minimum --------------------------------------------------------
+def assert_partition_property(features, methods) -> None:
+    """Every compressed feature: the ids [0, n] (the OOV id included) get distinct row tuples."""
+    for f in features:
+        m = methods[f.name]
+        if isinstance(m, Full):
+            continue
+        partitions = hand_partitions(m, f.num_embeddings)
+        assert math.prod(partitions) >= f.num_embeddings + 1
+        digits = torch.stack(mixed_radix_digits(torch.arange(f.num_embeddings + 1), partitions), dim=1)
+        assert torch.unique(digits, dim=0).shape[0] == f.num_embeddings + 1, f.name
+
+
+@pytest.mark.parametrize(
+    "fitter, ratio, op, parts",
+    [(qr_methods_for_budget, 100, "concat", 2), (kway_methods_for_budget, 300, "mult", 7),
+     (kway_methods_for_budget, 1000, "concat", 4)],
+)
+def test_fallbacks_reach_budgets_below_the_plain_minimum(fitter, ratio, op, parts):
+    budget = FULL // ratio
+    with pytest.raises(ValueError, match="budget_bytes"):
+        fitter(CRITEO_FEATURES, DIM, budget)  # without the fallback: refused, as before
+    methods = fitter(CRITEO_FEATURES, DIM, budget, fallback=True)
+    compressed = [m for m in methods.values() if not isinstance(m, Full)]
+    assert compressed and all(m.op == op for m in compressed)
+    assert max(len(hand_partitions(m, 1000)) for m in compressed) == parts
+    if op == "mult":  # deeper partitions only where the cap needs them: the fewest that fit
+        assert min(len(m.partitions) for m in compressed) == 2
+    collection = CompressedEmbeddingBagCollection(CRITEO_FEATURES, DIM, methods, seed=1)
+    assert 0.9 * budget < collection.memory_bytes() <= budget
+    assert_partition_property(CRITEO_FEATURES, methods)
+    # Through fbgemm: the largest feature's 37884 ids and its OOV id get 37885 distinct vectors.
+    c3 = collection.lookup("C3", torch.arange(CRITEO[2] + 1))
+    assert torch.unique(c3, dim=0).shape[0] == CRITEO[2] + 1
+
+
+@pytest.mark.parametrize("fitter, ratio", [(qr_methods_for_budget, 2), (qr_methods_for_budget, 10),
+                                           (kway_methods_for_budget, 10), (kway_methods_for_budget, 100)])
+def test_fallback_changes_nothing_where_the_plain_fit_works(fitter, ratio):
+    assert fitter(CRITEO_FEATURES, DIM, FULL // ratio, fallback=True) == fitter(CRITEO_FEATURES, DIM, FULL // ratio)
+
+
+def test_budgets_below_every_fallback_are_refused_with_the_minimum():
+    least_qr = smallest_bytes(CRITEO_FEATURES, DIM, "concat", 2)
+    assert FULL // 1000 < least_qr < FULL // 100  # QR concat: half the bytes of ~2 sqrt(N) rows each
+    with pytest.raises(ValueError, match=rf"budget_bytes={FULL // 1000} .* QR .*\({least_qr} bytes, 128x smaller .*kway"):
+        qr_methods_for_budget(CRITEO_FEATURES, DIM, FULL // 1000, fallback=True)
+    least_kway = smallest_bytes(CRITEO_FEATURES, DIM, "concat", 16)
+    with pytest.raises(ValueError, match=rf"budget_bytes={least_kway - 1} .*k-way .*\({least_kway} bytes"):
+        kway_methods_for_budget(CRITEO_FEATURES, DIM, least_kway - 1, fallback=True)
+    assert kway_methods_for_budget(CRITEO_FEATURES, DIM, least_kway, fallback=True)  # the minimum itself fits
+    with pytest.raises(ValueError, match="max_partitions"):
+        kway_methods_for_budget(CRITEO_FEATURES, DIM, FULL // 2, max_partitions=17, fallback=True)
+
+
+def test_concat_partitions_follow_the_tbe_width():
+    assert [concat_partitions(d) for d in (4, 8, 12, 16, 64)] == [0, 2, 3, 4, 16]
+    # D = 4 allows no concat split: the QR fallback has nothing to try and refuses plainly.
+    with pytest.raises(ValueError, match="budget_bytes"):
+        qr_methods_for_budget(CRITEO_FEATURES, 4, full_bytes(CRITEO_FEATURES, 4) // 100, fallback=True)

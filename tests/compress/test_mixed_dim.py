@@ -416,3 +416,203 @@ def test_a_single_block_needs_no_remap():
     assert collection.memory_bytes() == (101 * 8 + 8 * DIM) * 4
     ids = torch.tensor([5, 99, -1, 100])
     assert torch.equal(collection.layouts["f"].transform(ids)[0], torch.tensor([5, 99, 100, 100]))
+
+
+# -- dropping the rarest ids (keep) ------------------------------------------------------------
+def kept_location(config: MixedDim, feature: FeatureSpec, i: int) -> tuple[int, int] | None:
+    """(block, row) of id ``i``, or None when it has no row: out of range, or rank >= keep."""
+    if not 0 <= i < feature.num_embeddings:
+        return None
+    block, row = reference_location(config, feature, i)
+    return None if sum(config.sizes[:block]) + row >= config.keep else (block, row)
+
+
+def keep_features() -> list[FeatureSpec]:
+    rng = np.random.default_rng(11)
+    return [
+        FeatureSpec("sorted", 200, counts=zipf_counts(200, 0)),
+        FeatureSpec("unsorted", 180, counts=rng.integers(1, 1000, 180)),
+        FeatureSpec("mean", 100, pooling="mean"),
+        FeatureSpec("single", 120, counts=zipf_counts(120, 4)),
+    ]
+
+
+KEEP_METHODS = {
+    "sorted": MixedDim(dims=(16, 8, 4), sizes=(10, 30, 160), keep=25),  # cuts the middle block
+    "unsorted": MixedDim(alpha=0.5, blocks=3, keep=150),  # remap decides who keeps a row
+    "mean": MixedDim(dims=(8, 4), sizes=(20, 80), keep=100),  # every known id kept, no OOV row
+    "single": MixedDim(dims=(4,), keep=7),  # the fitter's shape: one block, a prefix of rows
+}
+
+
+def test_keep_truncates_blocks_and_bytes_are_exact():
+    feats = keep_features()
+    collection = CompressedEmbeddingBagCollection(feats, DIM, KEEP_METHODS)
+    sorted_, unsorted, mean, single = (collection.methods[f.name] for f in feats)
+    # Blocks past rank 25 vanish: (16, 8) over (10, 190) ids, rows 10 and 15; no OOV row.
+    assert (sorted_.dims, sorted_.sizes, sorted_.keep, sorted_.remap) == ((16, 8), (10, 190), 25, False)
+    assert unsorted.remap is True and unsorted.keep == 150 and sum(unsorted.sizes) == 180
+    assert (mean.dims, mean.sizes) == ((8, 4), (20, 80))
+    assert (single.dims, single.sizes, single.remap) == ((4,), (120,), False)
+    rows = [t.rows for t in collection.table_specs()]
+    assert rows[:2] == [10, 15] and rows[-3:] == [20, 80, 7]
+    assert all(collection.layouts[f.name].may_drop for f in feats)
+    expected = 0
+    for f in feats:
+        config = collection.methods[f.name]
+        nbytes = mixed_dim_bytes(config.sizes, config.dims, DIM, config.remap, config.keep)
+        layout_bytes = collection.layouts[f.name].extra_bytes() + sum(
+            collection.table_specs()[t].bytes for t in collection.feature_tables(f.name)
+        )
+        assert layout_bytes == nbytes
+        expected += nbytes
+    assert collection.memory_bytes() == expected
+    assert mixed_dim_bytes((10, 190), (16, 8), DIM, False, 25) == (10 * 16 + 15 * 8 + 8 * DIM) * 4
+    assert mixed_dim_bytes((120,), (4,), DIM, True, 7) == (7 * 4 + 4 * DIM) * 4 + 121 * 4  # remap: ranks matter
+
+
+def test_dropped_ids_pool_as_zero_vectors_through_fbgemm():
+    feats = keep_features()
+    collection = CompressedEmbeddingBagCollection(feats, DIM, KEEP_METHODS, seed=2)
+    kjt = mixed_kjt(feats, batch=40, seed=3)
+    weights = collection.table_weights()
+    expected = []
+    for f in feats:
+        config, layout = collection.methods[f.name], collection.layouts[f.name]
+        tables = [weights[t].detach() for t in collection.feature_tables(f.name)]
+        pooled = torch.zeros(40, DIM)
+        for b, bag in enumerate(kjt[f.name].to_dense()):
+            for i in bag.tolist():
+                where = kept_location(config, f, i)
+                if where is not None:
+                    vec = tables[where[0]][where[1]]
+                    projection = layout.projection_of(where[0])
+                    pooled[b] += vec if projection is None else vec @ projection.detach()
+            if f.pooling.value == "mean" and len(bag):
+                pooled[b] /= len(bag)  # a dropped id still counts in the mean: it is a zero vector
+        expected.append(pooled)
+    torch.testing.assert_close(collection(kjt).values(), torch.cat(expected, dim=1))
+    single = feats[3]
+    vectors = collection.lookup("single", torch.arange(-2, single.num_embeddings + 2))
+    known = vectors[2:-2]
+    assert torch.all(known[7:] == 0) and torch.all(vectors[:2] == 0) and torch.all(vectors[-2:] == 0)
+    assert torch.all(known[:7].abs().sum(1) > 0)
+    unsorted = collection.methods["unsorted"]
+    top = np.argsort(-feats[1].counts, kind="stable")
+    dropped = collection.lookup("unsorted", torch.as_tensor(top[unsorted.keep:]))
+    assert torch.all(dropped == 0) and torch.all(collection.lookup("unsorted", torch.as_tensor(top[:unsorted.keep])).abs().sum(1) > 0)
+
+
+def test_keep_round_trips_through_export(tmp_path):
+    feats = keep_features()
+    collection = CompressedEmbeddingBagCollection(feats, DIM, KEEP_METHODS, optimizer=TableOptimizer(lr=0.3), seed=5)
+    kjt = mixed_kjt(feats, batch=24, seed=6)
+    collection(kjt).values().pow(2).sum().backward()
+    loaded = CompressedEmbeddingBagCollection.load(collection.export(tmp_path / "art"))
+    assert loaded.methods == collection.methods and loaded.memory_bytes() == collection.memory_bytes()
+    assert torch.equal(loaded(kjt).values(), collection(kjt).values())
+    assert config_from_dict(KEEP_METHODS["sorted"].to_dict()) == KEEP_METHODS["sorted"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, n, match",
+    [({"keep": 0}, 50, r"keep must be None or an integer in \[1, num_embeddings\]"),
+     ({"keep": 2.5}, 50, r"keep must be None or an integer in \[1, num_embeddings\]"),
+     ({"keep": True}, 50, r"keep must be None or an integer in \[1, num_embeddings\]"),
+     ({"keep": 51}, 50, r"keep must be in \[1, num_embeddings=50\]")],
+)
+def test_invalid_keep_names_the_field_and_range(kwargs, n, match):
+    with pytest.raises(ValueError, match=match):
+        CompressedEmbeddingBagCollection([FeatureSpec("f", n)], DIM, {"f": MixedDim(dims=(8,), **kwargs)})
+
+
+def test_keep_needs_a_remap_when_counts_are_unsorted():
+    feature = FeatureSpec("f", 60, counts=np.random.default_rng(1).integers(1, 50, 60))
+    with pytest.raises(ValueError, match="remap"):
+        CompressedEmbeddingBagCollection([feature], DIM, {"f": MixedDim(dims=(4,), keep=10, remap=False)})
+
+
+# -- budget fitter below a row per id ------------------------------------------------------
+def sorted_criteo_features() -> list[FeatureSpec]:
+    """``criteo_features`` with C3's counts sorted, as prepared data has them: no remap needed."""
+    feats = criteo_features()
+    feats[2] = FeatureSpec("C3", CRITEO[2], counts=zipf_counts(CRITEO[2], 2))
+    return feats
+
+
+def criteo_probabilities(feats: list[FeatureSpec]) -> dict[str, np.ndarray]:
+    """Per-id query probability of every feature in rank order (Zipf(1) prior without counts)."""
+    out = {}
+    for f in feats:
+        counts = f.counts if f.counts is not None else 1.0 / np.arange(1, f.num_embeddings + 1)
+        ranked = -np.sort(-np.asarray(counts, dtype=np.float64), kind="stable")
+        out[f.name] = ranked / ranked.sum()
+    return out
+
+
+@pytest.mark.parametrize("ratio", [10, 100, 1000])
+def test_drop_rare_fitter_reaches_budgets_below_a_row_per_id(ratio):
+    # C3's shuffled counts need a 37884-entry remap, more than the 100x and 1000x budgets.
+    feats = criteo_features() if ratio == 10 else sorted_criteo_features()
+    full = sum((f.num_embeddings + 1) * DIM * 4 for f in feats)
+    budget = full // ratio
+    methods = mixed_dim_methods_for_budget(feats, DIM, budget, drop_rare=True)
+    collection = CompressedEmbeddingBagCollection(feats, DIM, methods)
+    assert 0.97 * budget < collection.memory_bytes() <= budget
+    probabilities = criteo_probabilities(feats)
+    last_kept, first_dropped = [], []
+    for f in feats:
+        m = methods[f.name]
+        if isinstance(m, Full):
+            continue
+        assert m.keep is not None and 1 <= m.keep <= f.num_embeddings  # keep = n: only the OOV row goes
+        assert collection.methods[f.name] == m  # the fitter's configs are already resolved
+        layout_bytes = collection.layouts[f.name].extra_bytes() + sum(
+            collection.table_specs()[t].bytes for t in collection.feature_tables(f.name)
+        )
+        assert layout_bytes == mixed_dim_bytes(m.sizes, m.dims, DIM, m.remap, m.keep)
+        assert m.remap is (f.name == "C3" and ratio == 10)  # the one feature with shuffled counts
+        assert list(m.dims) == sorted(m.dims, reverse=True)
+        p = probabilities[f.name]
+        if m.keep > 1:  # one row is kept whatever the rule says: a table needs one
+            last_kept.append(p[m.keep - 1])
+        if m.keep < f.num_embeddings:
+            first_dropped.append(p[m.keep])
+    assert len(first_dropped) >= 5  # the large features do drop ids
+    # One scale for the whole collection: no dropped id is more popular than any kept one.
+    assert max(first_dropped) <= min(last_kept)
+
+
+@pytest.mark.parametrize("ratio, blocks", [(2, 1), (3, 1), (2, 4), (3, 4)])
+def test_drop_rare_changes_nothing_where_a_row_per_id_fits(ratio, blocks):
+    feats = criteo_features()
+    full = sum((f.num_embeddings + 1) * DIM * 4 for f in feats)
+    plain = mixed_dim_methods_for_budget(feats, DIM, full // ratio, blocks=blocks)
+    assert mixed_dim_methods_for_budget(feats, DIM, full // ratio, blocks=blocks, drop_rare=True) == plain
+    assert all(m.keep is None for m in plain.values() if isinstance(m, MixedDim))
+
+
+def test_drop_rare_fitter_trains_and_drops_through_the_collection():
+    feats = sorted_criteo_features()
+    full = sum((f.num_embeddings + 1) * DIM * 4 for f in feats)
+    methods = mixed_dim_methods_for_budget(feats, DIM, full // 1000, blocks=4, drop_rare=True)
+    collection = CompressedEmbeddingBagCollection(feats, DIM, methods, optimizer=TableOptimizer(kind="sgd", lr=0.1))
+    assert collection.memory_bytes() <= full // 1000
+    c21 = methods["C21"]  # sorted counts: ids are ranks
+    vectors = collection.lookup("C21", torch.arange(c21.keep + 3))
+    assert torch.all(vectors[c21.keep:] == 0) and torch.all(vectors[: c21.keep].abs().sum(1) > 0)
+    kjt = KeyedJaggedTensor(keys=[f.name for f in feats], values=torch.zeros(26, dtype=torch.int64),
+                            lengths=torch.ones(26, dtype=torch.int64))  # fmt: skip
+    before = [w.detach().clone() for w in collection.table_weights()]
+    collection(kjt).values().sum().backward()
+    assert any(not torch.equal(b, a) for b, a in zip(before, collection.table_weights()))
+
+
+def test_drop_rare_refuses_budgets_below_one_row_per_feature():
+    feats = criteo_features()
+    with pytest.raises(ValueError, match="budget_bytes=1000 is below the smallest mixed-dim collection that drops"):
+        mixed_dim_methods_for_budget(feats, DIM, 1000, drop_rare=True)
+    # The shuffled C3 needs its id -> rank array to know which ids are rare: 37884 * 4 bytes.
+    full = sum((f.num_embeddings + 1) * DIM * 4 for f in feats)
+    with pytest.raises(ValueError, match="rank array"):
+        mixed_dim_methods_for_budget(feats, DIM, full // 100, drop_rare=True)

@@ -119,11 +119,12 @@ def _mixed_features_and_methods() -> tuple[list[FeatureSpec], dict[str, object]]
         [Full(), Hash(rows=5, seed=1), Hybrid(hot=3, cold_rows=4, seed=2), Pruned(keep=4, missing="default")],
         [Hash(rows=301, seed=7), Full(), MultiHash(rows=211, probes=2, seed=1), QR(collisions=7, op="add"), Hybrid(hot=100, cold_rows=50)],
         [Hybrid(hot=60, cold_rows=33, seed=5, remap=True), Pruned(keep=120), Unified(rows=97, chunks=2, seed=3), MultiHash(rows=53, probes=3)],
-        [Pruned(keep=20, remap=False), Hash(rows=9), LearnedThreshold(), KWay(partitions=(3, 5, 6), op="mult")],
-        [Pruned(keep=300, missing="default", remap=False), Unified(rows=97, chunks=2, seed=3), QR(collisions=4, op="concat"), Full(), MixedDim(dims=(8, 4), sizes=(300, 700))],
+        [Pruned(keep=20, remap=False), Hash(rows=9), LearnedThreshold(), KWay(partitions=(3, 5, 6), op="mult"), MixedDim(dims=(4,), keep=50)],
+        [Pruned(keep=300, missing="default", remap=False), Unified(rows=97, chunks=2, seed=3), QR(collisions=4, op="concat"), Full(), MixedDim(dims=(8, 4), sizes=(300, 700)), MixedDim(dims=(8, 4), sizes=(300, 700), keep=450)],
         [Full(), Pruned(keep=5, remap=False), LearnedThreshold(init=0.1), MultiHash(rows=3, probes=2, seed=9)],
         [MixedDim(dims=(8, 4), sizes=(1000, 1500)), KWay(partitions=(14, 14, 14), op="add"), Unified(rows=31, chunks=1, table="other"), Hybrid(hot=0, cold_rows=40)],
-        [MixedDim(dims=(8, 4), sizes=(200, 440)), Hybrid(hot=64, cold_rows=30, remap=True), Pruned(keep=640), Hash(rows=640, seed=2)],
+        [MixedDim(dims=(8, 4), sizes=(200, 440)), Hybrid(hot=64, cold_rows=30, remap=True), Pruned(keep=640), Hash(rows=640, seed=2),
+         MixedDim(dims=(4,), keep=100), MixedDim(dims=(8, 4), sizes=(200, 440), keep=500)],  # remapped keeps
     ]
     features, methods = [], {}
     for size, options in zip(sizes, methods_per_size):

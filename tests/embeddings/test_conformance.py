@@ -108,6 +108,8 @@ def _mixed_dim(f):
     # The 12-id feature gets one projected block: test ids rarely fall in its id space.
     if f.num_embeddings < 100:
         return MixedDim(dims=(4,), sizes=(f.num_embeddings,))
+    if f.pooling.value == "mean":  # the low-budget fit's shape: one block, the rarest 20% without a row
+        return MixedDim(dims=(4,), keep=f.num_embeddings * 4 // 5)
     half = f.num_embeddings // 2
     return MixedDim(dims=(8, 4), sizes=(half, f.num_embeddings - half))
 
