@@ -45,6 +45,7 @@ from tablezip.compress import (  # noqa: E402
     hybrid_methods_for_budget,
     pruned_methods_for_budget,
 )
+from tablezip.compress.budget import methods_for_budget  # noqa: E402
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -101,6 +102,9 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
     records = []
     timed = timer(device)
     for variant in variants:
+        if variant in OTHER_METHODS:
+            records.extend(tablezip_only(variant, features, kjt, dim, timed))
+            continue
         methods = FITTERS[variant](features, dim, full_bytes(features, dim) // 10) if variant in FITTERS else None
         coll = CompressedEmbeddingBagCollection(features, dim, methods, device=device)
         specs = coll.table_specs()
@@ -184,6 +188,54 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
             })
         del coll, ebc, bags
         torch.cuda.empty_cache()
+    return records
+
+
+# Methods with several tables per feature, projections or a shared table: timed in tablezip
+# only (no torchrec/nn.EmbeddingBag twin here; methods_speed.py has their dlrm-style builds).
+OTHER_METHODS = ("multihash-10x", "qr-10x", "kway-10x", "md-10x", "unified-10x")
+
+
+def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTensor, dim: int, timed) -> list[dict[str, Any]]:
+    """Forward and fwd+bwd(+fused step) of one more method at 10x, batched and per-feature."""
+    method = variant.split("-")[0]
+    coll = CompressedEmbeddingBagCollection(
+        features, dim, methods_for_budget(method, features, dim, full_bytes(features, dim) // 10), device=kjt.values().device
+    )
+
+    def forward(batched: bool):
+        def run() -> torch.Tensor:
+            coll.batch_transforms = batched
+            try:
+                return coll(kjt).values()
+            finally:
+                coll.batch_transforms = True
+        return run
+
+    with torch.no_grad():
+        same = bool(torch.allclose(forward(True)(), forward(False)(), rtol=1e-5, atol=1e-6))
+    records = []
+    for impl, fwd in (("tablezip TBE", forward(True)), ("tablezip TBE, per-feature transforms", forward(False))):
+        with torch.no_grad():
+            f = timed(fwd)
+
+        def step() -> None:
+            fwd().sum().backward()
+            for p in coll.parameters():  # projections of md/compositional are dense parameters
+                p.grad = None
+
+        t = timed(step)
+        looked_up = kjt.values().numel()
+        records.append({
+            "variant": variant, "impl": impl, "tables": len(features), "rows": features[0].num_embeddings, "dim": dim,
+            "batch": kjt.stride(), "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
+            "physical_tables": len(coll.table_specs()), "bytes": coll.memory_bytes(),
+            "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"], "train_ms": t["median_ms"], "train_p90_ms": t["p90_ms"],
+            "fwd_rows_per_s": looked_up / (f["median_ms"] / 1e3),
+            "fwd_GBps": looked_up * dim * 4 * 2 / (f["median_ms"] / 1e3) / 1e9,
+        })
+    del coll
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return records
 
 
