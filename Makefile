@@ -34,8 +34,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The benchmark suite (benchmarks/suite.py): CPU grid, training throughput, serving, quality, and
+# the GPU case where CUDA is available. `make bench BENCH_ARGS=--quick` for the smoke version,
+# BENCH_ARGS="--only cpu_grid,serving" to pick cases.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python benchmarks/collection_speed.py
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build mlruns.db mlartifacts

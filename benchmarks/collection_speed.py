@@ -61,6 +61,7 @@ class Case:
     train_step: Callable[[], None]
     table_bytes: int
     optimizer_state_bytes: Callable[[], int]
+    tables: int | None = None  # physical tables (None: one per feature)
 
 
 def methods_for(variant: str, features: Sequence[FeatureSpec], dim: int) -> Mapping[str, MethodConfig]:
@@ -78,8 +79,9 @@ def row_transform(feature: FeatureSpec, config: MethodConfig, dim: int) -> RowTr
     raise TypeError(f"no baseline transform for {type(config).__name__}")
 
 
-def build_kjt(workload: Workload) -> KeyedJaggedTensor:
-    ids = workload.sample_ids()
+def build_kjt(workload: Workload, ids: Mapping[str, torch.Tensor] | None = None) -> KeyedJaggedTensor:
+    """The workload's ids as one KJT; pass ``ids`` when the caller already sampled them."""
+    ids = workload.sample_ids() if ids is None else ids
     names = [name for name, _ in workload.features]
     lengths = torch.full((len(names) * workload.batch,), workload.bag_len, dtype=torch.int64)
     return KeyedJaggedTensor.from_lengths_sync(keys=names, values=torch.cat([ids[n] for n in names]), lengths=lengths)

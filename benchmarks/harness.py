@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,67 @@ def time_fn(
         "p90_ms": float(np.percentile(per_repeat_ms, 90)),
         "per_repeat_ms": per_repeat_ms,
         "iterations": iterations,
+    }
+
+
+def time_interleaved(
+    fns: Mapping[Hashable, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 2,
+    min_seconds: float = 0.2,
+    on_repeat: Callable[[int], None] | None = None,
+) -> dict[Hashable, dict[str, Any]]:
+    """Per-call time in ms of every function of ``fns``, with the repeats interleaved.
+
+    Why not ``time_fn`` per case: on a shared machine the load drifts over minutes, and timing
+    case A's repeats and then case B's lets that drift masquerade as a speed difference. Here
+    repeat r runs every case once (``iterations`` calls, sized as in ``time_fn`` from the
+    fastest warmup call) before repeat r + 1 starts, and the starting case rotates, so drift and
+    position effects hit all cases alike; a ratio of two medians is then a paired comparison.
+    Warmup happens once per case, not per repeat: at large batches one call takes a good part of
+    a second and per-repeat warmups would double the run. The collector is paused inside each
+    timed block and run between blocks, so garbage from one case is never collected in another.
+    ``on_repeat(r)`` is called after each repeat (progress output).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    keys = list(fns)
+    iterations: dict[Hashable, int] = {}
+    for key in keys:
+        calibration = []
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
+            fns[key]()
+            calibration.append(time.perf_counter() - start)
+        iterations[key] = max(1, math.ceil(min_seconds / max(min(calibration), 1e-9)))
+    per_repeat_ms: dict[Hashable, list[float]] = {key: [] for key in keys}
+    gc_was_enabled = gc.isenabled()
+    try:
+        for r in range(repeats):
+            shift = r % len(keys) if keys else 0
+            for key in keys[shift:] + keys[:shift]:
+                gc.collect()
+                gc.disable()
+                fn, n = fns[key], iterations[key]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                per_repeat_ms[key].append((time.perf_counter() - start) * 1e3 / n)
+                if gc_was_enabled:
+                    gc.enable()
+            if on_repeat is not None:
+                on_repeat(r)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {
+        key: {
+            "median_ms": statistics.median(ms),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "per_repeat_ms": ms,
+            "iterations": iterations[key],
+        }
+        for key, ms in per_repeat_ms.items()
     }
 
 

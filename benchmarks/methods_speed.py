@@ -17,7 +17,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -29,10 +29,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import LoopedCollection  # noqa: E402
+from collection_speed import IMPLS, Case, adagrad_state_bytes, tensor_bytes  # noqa: E402
 from harness import CRITEO_CARDINALITIES, Workload, env_info, time_fn, write_results  # noqa: E402
 
 from tablezip.compress.budget import FITTERS, full_bytes, methods_for_budget  # noqa: E402
-from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec  # noqa: E402
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, MethodConfig  # noqa: E402
+
+FALLBACK_RATIO = 2.0  # where a method's fitter cannot reach the asked ratio (md at D=16, before its fitter grew)
 
 warnings.filterwarnings("ignore")
 
@@ -44,7 +47,53 @@ def features_with_counts(workload: Workload, ids: dict[str, torch.Tensor]) -> li
     ]
 
 
-def step(model, kjt: KeyedJaggedTensor, optimizer=None):
+def fit_methods(method: str, features: Sequence[FeatureSpec], dim: int, ratio: float) -> dict[str, MethodConfig]:
+    """``method``'s configs at ``ratio`` fewer bytes than Full, from its budget fitter.
+
+    A fitter may not reach every ratio (md's once could not go below ~4x at D=16): such a
+    method is timed at ``FALLBACK_RATIO`` rather than dropped, so every method keeps a row; the
+    records carry the real ratio.
+    """
+    try:
+        return methods_for_budget(method, features, dim, int(full_bytes(features, dim) / ratio))
+    except ValueError as err:
+        print(f"{method}: {err}; timing it at {FALLBACK_RATIO:g}x instead", flush=True)
+        return methods_for_budget(method, features, dim, int(full_bytes(features, dim) / FALLBACK_RATIO))
+
+
+def forward_of(model: torch.nn.Module, kjt: KeyedJaggedTensor) -> Callable[[], torch.Tensor]:
+    """Forward with autograd on, as in training; the pooled [B, F*D] tensor either way."""
+    def run() -> torch.Tensor:
+        out = model(kjt)
+        return out if torch.is_tensor(out) else out.values()
+    return run
+
+
+def method_cases(method: str, features: Sequence[FeatureSpec], dim: int, ratio: float, kjt: KeyedJaggedTensor) -> list[Case]:
+    """``method`` at ``ratio`` in tablezip's collection and in its dlrm-style build.
+
+    Both start from the same weights and are checked to compute the same output before anything
+    is timed, so a speed difference is never a difference in the work done.
+    """
+    coll = CompressedEmbeddingBagCollection(features, dim, fit_methods(method, features, dim, ratio))
+    looped = LoopedCollection(coll)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_of(coll, kjt)(), looped(kjt), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{method}: dlrm-style build differs\n{m}")
+    adagrad = torch.optim.Adagrad(looped.bags.parameters(), lr=0.05)
+    tables, table_bytes = len(coll.table_specs()), coll.memory_bytes()
+    tbe_states = lambda: tensor_bytes([t for states in coll.tbe.split_optimizer_states() for t in states])  # noqa: E731
+    return [
+        Case(method, IMPLS[0], "fbgemm fused rowwise Adagrad (in backward)", forward_of(coll, kjt), step(coll, kjt),
+             table_bytes, tbe_states, tables),
+        Case(method, IMPLS[2], "torch.optim.Adagrad, sparse grads", forward_of(looped, kjt), step(looped, kjt, adagrad),
+             table_bytes, lambda: adagrad_state_bytes(adagrad), tables),
+    ]  # fmt: skip
+
+
+def step(model: torch.nn.Module, kjt: KeyedJaggedTensor, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One training step: forward, backward (tablezip updates its tables inside it), the
+    optimizer step for a baseline with separate table parameters, then no gradient kept."""
     def run() -> None:
         out = model(kjt)
         out = out.values() if hasattr(out, "values") and not torch.is_tensor(out) else out
@@ -72,29 +121,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = [n for n, _ in workload.features]
     kjt = KeyedJaggedTensor(keys=names, values=torch.cat([ids[n] for n in names]), lengths=torch.ones(len(names) * args.batch, dtype=torch.long))
     features = features_with_counts(workload, ids)
-    budget = int(full_bytes(features, args.dim) / args.ratio)
     full = CompressedEmbeddingBagCollection(features, args.dim)
     records: list[dict[str, Any]] = []
     for method in [m for m in args.methods.split(",") if m]:
-        try:
-            methods = methods_for_budget(method, features, args.dim, budget)
-        except ValueError as err:  # some methods cannot reach every ratio (e.g. md at D=16): time them at 2x
-            print(f"{method}: {err}; timing it at 2x instead", flush=True)
-            methods = methods_for_budget(method, features, args.dim, int(full_bytes(features, args.dim) / 2))
-        coll = CompressedEmbeddingBagCollection(features, args.dim, methods)
-        looped = LoopedCollection(coll)
-        with torch.no_grad():
-            torch.testing.assert_close(coll(kjt).values(), looped(kjt), rtol=1e-5, atol=1e-6)
-        adagrad = torch.optim.Adagrad(looped.bags.parameters(), lr=0.05)
+        tz, dlrm = method_cases(method, features, args.dim, args.ratio, kjt)
         # Interleave the three so that drift in machine load hits all of them alike.
         timings = {"tablezip": [], "full": [], "dlrm-style": []}
         for _ in range(args.repeats):
-            for key, fn in (("tablezip", step(coll, kjt)), ("full", step(full, kjt)), ("dlrm-style", step(looped, kjt, adagrad))):
+            for key, fn in (("tablezip", tz.train_step), ("full", step(full, kjt)), ("dlrm-style", dlrm.train_step)):
                 timings[key].append(time_fn(fn, warmup=2, repeats=1, min_seconds=0.3)["median_ms"])
         med = {k: float(np.median(v)) for k, v in timings.items()}
         rec = {
-            "method": method, "ratio": full.memory_bytes() / coll.memory_bytes(), "bytes": coll.memory_bytes(), "full_bytes": full.memory_bytes(),
-            "tables": len(coll.table_specs()), "tablezip_ms": med["tablezip"], "full_ms": med["full"],
+            "method": method, "ratio": full.memory_bytes() / tz.table_bytes, "bytes": tz.table_bytes, "full_bytes": full.memory_bytes(),
+            "tables": tz.tables, "tablezip_ms": med["tablezip"], "full_ms": med["full"],
             "dlrm_style_ms": med["dlrm-style"], "speed_vs_full": med["full"] / med["tablezip"],
             "speedup_vs_dlrm_style": med["dlrm-style"] / med["tablezip"], "per_repeat_ms": timings,
             "workload": workload.to_dict(), "env": env_info(),
