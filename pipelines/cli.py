@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ sources")
     sv.add_argument("--max-ids", type=int, default=1_000_000, help="ids (and bags) per request (default 1,000,000)")
     sv.add_argument("--max-message-bytes", type=int, default=64 << 20, help="largest request accepted (default 64 MiB)")
-    sv.add_argument("--workers", type=int, default=8, help="request threads (default 8)")
+    sv.add_argument("--workers", type=int, default=4, help="request threads (default 4)")
     sv.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    sv.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                    help="requests in flight or queued before RESOURCE_EXHAUSTED (default 256)")
+    sv.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus text on http://HOST:PORT/metrics (same host as --host; 0 picks a free port; default off)")
 
     q = sub.add_parser("query", help="query a running `tablezip serve`: vectors, --info, --stats, --health, --reload")
     q.add_argument("target", help="HOST:PORT of the server")
@@ -322,7 +326,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, max_workers=args.workers, max_ids=args.max_ids,
         max_message_bytes=args.max_message_bytes, token=token_from_env(args.token), tls_cert=args.tls_cert,
-        tls_key=args.tls_key, torch_threads=args.torch_threads,
+        tls_key=args.tls_key, torch_threads=args.torch_threads, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        metrics_port=args.metrics_port,
     )
     logging.getLogger("tablezip.serving").setLevel(logging.INFO)
     try:

@@ -61,8 +61,9 @@ def bag_chunks(lengths: np.ndarray, chunk: int = CHUNK_IDS) -> list[tuple[int, i
 
 def pool_bags(
     model: LoadedModel, positions: list[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS
-) -> torch.Tensor:
-    """[B, F_req, D] pooled vectors through the model's own forward.
+) -> torch.Tensor | np.ndarray:
+    """[B, F_req, D] pooled vectors: the model's own forward, or ``model.bag_pooler`` (numpy,
+    checked against that forward at load) when it covers every requested feature.
 
     ``lengths`` is [F_req, B] for the requested features (model positions ``positions``), ``ids``
     their ids feature-major. The model sees its features in its own order, the unrequested ones
@@ -71,10 +72,21 @@ def pool_bags(
     if batch == 0:
         check("the lookup")
         return torch.zeros(0, len(positions), model.dim)
+    pooler = model.bag_pooler
+    if pooler is not None and pooler.covers(positions) and ids.size + batch <= chunk:
+        check("the lookup")  # the common case: one chunk, no copies of the ids
+        return pooler.pool(positions, lengths, ids)
     # Offsets of every (feature, bag) into ids: feature f's ids of bags [a, b) are ids[offsets[f, a]:offsets[f, b]].
     offsets = np.zeros((len(positions), batch + 1), dtype=np.int64)
     np.cumsum(lengths, axis=1, out=offsets[:, 1:])
     offsets += np.concatenate([[0], np.cumsum(offsets[:, -1])[:-1]])[:, None]
+    if pooler is not None and pooler.covers(positions):
+        parts = []
+        for a, b in bag_chunks(lengths, chunk):
+            check(f"bags {a}..{b - 1} of {batch}")
+            values = np.concatenate([ids[offsets[i, a] : offsets[i, b]] for i in range(len(positions))])
+            parts.append(pooler.pool(positions, lengths[:, a:b], values))
+        return np.concatenate(parts)
     order = np.argsort(positions, kind="stable")  # request index of each feature, in model order
     keep_all = positions == list(range(num))
     out: torch.Tensor | None = None

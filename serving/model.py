@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import tempfile
 import threading
@@ -25,7 +26,7 @@ import torch
 from tablezip.embeddings import ArtifactError, load_inference, read_manifest
 from tablezip.embeddings.artifact import MANIFEST_FILE, tablezip_version
 
-from .reader import Reader, build_readers
+from .reader import NumpyBagPooler, Reader, build_bag_pooler, build_readers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class LoadedModel:
     load_seconds: float
     loaded_at: str
     generation: int = 1
+    # LookupBags without the model's forward, for the features it covers (see NumpyBagPooler).
+    bag_pooler: NumpyBagPooler | None = None
 
     @property
     def dtype(self) -> str:
@@ -63,14 +66,17 @@ def local_artifact(source: str, tracking_uri: str | None = None) -> Iterator[Pat
     to a temp dir that is removed afterwards (the loaded model lives in memory).
 
     Training logs its run directory under artifact path ``model`` with the collection in
-    ``model/embeddings``; given the parent (``runs:/<id>/model`` or a run directory), the
-    ``embeddings`` folder inside it is used."""
+    ``model/embeddings``; given the parent (``runs:/<id>/model``, a registered model version
+    whose source is it, ``models:/<name>/<version>``, or a run directory), the ``embeddings``
+    folder inside it is used."""
     if is_mlflow_uri(source):
         import mlflow.artifacts
 
         with tempfile.TemporaryDirectory(prefix="tablezip-serve-") as tmp:
             try:
-                path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=_registry_resolved(source, tracking_uri), dst_path=tmp, tracking_uri=tracking_uri
+                )
             except Exception as err:  # MlflowException, OSError, ...: all mean "cannot get it"
                 raise ArtifactError(f"{source}: cannot download from MLflow ({type(err).__name__}: {err})") from None
             yield _artifact_dir(Path(path))
@@ -79,6 +85,29 @@ def local_artifact(source: str, tracking_uri: str | None = None) -> Iterator[Pat
     if not path.is_dir():
         raise ArtifactError(f"{source}: not a directory")
     yield _artifact_dir(path)
+
+
+def _registry_resolved(source: str, tracking_uri: str | None) -> str:
+    """``models:/NAME/VERSION[/PATH]`` (or ``NAME/STAGE``, ``NAME/latest``, ``NAME@ALIAS``) as the
+    storage URI of that model version's artifacts; any other URI unchanged.
+
+    Why not hand ``models:/`` to ``download_artifacts``: MLflow (3.x) resolves it against the
+    process-wide registry URI, ignoring the tracking URI given, so ``--tracking-uri`` would not
+    reach the registry ("Registered Model ... not found"). Here the registry is the tracking
+    store, as in MLflow's own default, unless MLFLOW_REGISTRY_URI names another."""
+    if not source.startswith("models:/"):
+        return source
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    model_uri, path = ModelsArtifactRepository.split_models_uri(source)
+    if ModelsArtifactRepository._is_logged_model_uri(model_uri):  # models:/<model_id>: a tracking-store URI
+        return source
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)
+    name, version = get_model_name_and_version(client, model_uri)
+    location = client.get_model_version_download_uri(name, version)
+    return f"{location.rstrip('/')}/{path}" if path else location
 
 
 def _artifact_dir(path: Path) -> Path:
@@ -115,6 +144,7 @@ def load_model(source: str, tracking_uri: str | None = None, generation: int = 1
         probe = readers[name](torch.tensor([0, 1], dtype=torch.int64))
         if probe.shape != (2, module.dim) or not torch.isfinite(probe).all():
             raise ArtifactError(f"{source}: feature {name!r} gives {tuple(probe.shape)} vectors or non-finite values")
+    bag_pooler = build_bag_pooler(module, readers)
     return LoadedModel(
         module=module,
         readers=readers,
@@ -126,6 +156,7 @@ def load_model(source: str, tracking_uri: str | None = None, generation: int = 1
         load_seconds=time.perf_counter() - start,
         loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         generation=generation,
+        bag_pooler=bag_pooler,
     )
 
 

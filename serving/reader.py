@@ -16,20 +16,24 @@ Nothing here is trusted blindly: ``build_readers`` compares every reader with
 model loads, and a feature whose reader disagrees, or a model that is not a float32
 ``CompressedEmbeddingBagCollection`` (e.g. quantized tables), is served by ``module.lookup``.
 
-One-table Full features with sum pooling also read through numpy (``read_numpy``: one
-``take`` on a numpy view of the table, checked against ``lookup`` on the same probe ids). In
-the server a request arrives at a cold core (idle, or just running the client or grpc), and there
-each torch op's dispatch costs several times what it does in a loop: the torch chain took
-~115 us of CPU per 512-id request in the server against ~15 us in a loop, the numpy gather ~21 us
-(benchmarks/NOTES.md, "Serving").
+One-table Full features also read through numpy (``read_numpy``: one ``take`` on a numpy view
+of the table, checked against ``lookup`` on the same probe ids). In the server a request arrives
+at a cold core (idle, or just running the client or grpc), and there each torch op's dispatch
+costs several times what it does in a loop: the torch chain took ~115 us of CPU per 512-id
+request in the server against ~15 us in a loop, the numpy gather ~21 us (benchmarks/NOTES.md,
+"Serving"). ``NumpyBagPooler`` does the same for LookupBags over such features: one ``take``
+over all requested features and one ``np.add.reduceat`` instead of the model's whole forward,
+checked bit for bit against that forward on probe bags when the model loads.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tablezip.compress.full import FullLayout
 from tablezip.embeddings import CompressedEmbeddingBagCollection, Pooling
@@ -47,13 +51,14 @@ class TableRowReader:
         weights = collection.table_weights()  # views into the TBE: no copy of the tables
         self.tables = [weights[t] for t in collection.feature_tables(name)]
         self.pooling = next(f.pooling for f in collection.features if f.name == name)
-        # Served tables never change, so the -0.0 fix is only paid by tables that hold one.
-        self.negative_zero = [_has_negative_zero(t) for t in self.tables]
+        # Served tables never change, so the "+ 0.0" fix is only paid by tables that need it.
+        self.zero_add = [_needs_zero_add(t) for t in self.tables]
         # One-table Full features (the common case) also get a numpy path: one gather on a
         # numpy view of the table instead of a chain of torch ops (see ``read_numpy``).
         self.numpy_table: np.ndarray | None = None
         self.num_embeddings = next(f.num_embeddings for f in collection.features if f.name == name)
-        if type(self.layout) is FullLayout and len(self.tables) == 1 and self.pooling is Pooling.SUM:
+        # Mean pooling of a bag of one id divides by 1, which changes no bits.
+        if type(self.layout) is FullLayout and len(self.tables) == 1:
             table = self.tables[0].detach()
             if table.dtype == torch.float32 and table.is_contiguous() and table.device.type == "cpu":
                 self.numpy_table = table.numpy()
@@ -66,8 +71,9 @@ class TableRowReader:
         assert self.numpy_table is not None
         rows = np.minimum(ids.view(np.uint64), self.num_embeddings).view(np.int64)
         out = self.numpy_table.take(rows, axis=0)
-        if self.negative_zero[0]:
-            out += 0.0  # TBE sums into zeros: -0.0 -> +0.0
+        if self.zero_add[0]:
+            with np.errstate(invalid="ignore"):  # a signaling NaN raises "invalid": expected here
+                out += 0.0  # TBE sums into zeros: -0.0 -> +0.0, signaling NaN -> quiet
         return out
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,13 +85,13 @@ class TableRowReader:
     def _read(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.layout.transform(ids)
         parts = []
-        for table, r, negative_zero in zip(self.tables, rows, self.negative_zero):
+        for table, r, zero_add in zip(self.tables, rows, self.zero_add):
             if self.layout.may_drop:
                 dropped = (r < 0).unsqueeze(1)
                 part = table.index_select(0, r.clamp(min=0)).masked_fill_(dropped, 0.0)
             else:
                 part = table.index_select(0, r)
-            parts.append(part.add_(0.0) if negative_zero else part)  # TBE sums into zeros: -0.0 -> +0.0
+            parts.append(part.add_(0.0) if zero_add else part)  # TBE sums into zeros (see _needs_zero_add)
         vectors = self.layout.combine(parts)
         if not self.layout.pooled_in_tbe:
             vectors = vectors + 0.0  # lookup's pooling after combine sums into zeros
@@ -94,12 +100,214 @@ class TableRowReader:
         return self.pooling.finish(vectors, torch.ones(ids.numel(), dtype=torch.int64))
 
 
-def _has_negative_zero(table: torch.Tensor, block_rows: int = 1 << 18) -> bool:
-    """Whether any value is -0.0 (bits 0x80000000), scanned in row blocks so the temporary mask
-    stays small next to a multi-GB table."""
+class NumpyBagPooler:
+    """Pooled bags ``[B, F_req, D]`` of features read by ``TableRowReader.read_numpy``, in numpy.
+
+    Why: LookupBags through ``module(kjt)`` builds a KeyedJaggedTensor, transforms every
+    feature's ids and calls TBE for all features, requested or not: dozens of torch ops per
+    request, each costing several times its loop cost on a cold core, and the handler holds the
+    GIL for most of it, so concurrent requests queue (benchmarks/NOTES.md, "Serving"). For Full
+    features the same answer is a row gather and a per-bag sum. TBE sums a bag as ``0.0 + r0 +
+    r1 + ...`` in float32, in id order; ``_bag_sums`` adds in that same order, so the bits
+    agree; a bag of one id is its row (plus ``+ 0.0`` for tables where that changes bits, see
+    ``_needs_zero_add``). Mean pooling divides by ``max(length, 1)`` in float32 as
+    ``Pooling.finish`` does. ``build_bag_pooler`` checks all of this bit for bit against the
+    model's forward on probe bags before the server uses it.
+
+    All features' tables are views into TBE's one weight buffer, so one [R, D] numpy view over
+    that buffer serves every covered feature with a single ``take`` (``row_start`` places each
+    feature's rows in it)."""
+
+    def __init__(self, table: np.ndarray, covered: np.ndarray, row_start: np.ndarray, num_embeddings: np.ndarray,
+                 mean: np.ndarray, zero_add: np.ndarray) -> None:
+        self.table = table  # [R, D] float32 view of the TBE weights
+        self.covered = covered  # [F_model] bool: the feature can be pooled here
+        self.row_start = row_start  # [F_model] int64: the feature's row 0 in ``table``
+        self.limit = num_embeddings.astype(np.uint64)  # [F_model]: the feature's OOV row, relative
+        self.mean = mean  # [F_model] bool
+        self.zero_add = zero_add  # [F_model] bool
+        self._plans: dict[tuple[int, ...], _Plan] = {}
+
+    def covers(self, positions: Sequence[int]) -> bool:
+        return bool(self.covered[positions].all())
+
+    def _plan(self, positions: Sequence[int]) -> "_Plan":
+        """Per-feature constants of a request's features, computed once per feature list: clients
+        repeat the same list, and each numpy call saved is several microseconds on a cold core."""
+        key = tuple(positions)
+        plan = self._plans.get(key)
+        if plan is None:
+            pos = np.asarray(key, dtype=np.int64)
+            plan = _Plan(self.limit[pos], self.row_start[pos], bool(self.zero_add[pos].any()),
+                         [int(i) for i in np.flatnonzero(self.mean[pos])])  # fmt: skip
+            if len(self._plans) >= 1024:  # bounded: feature lists come from clients
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def pool(self, positions: Sequence[int], lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """``lengths`` [F_req, B] (bag sizes of the model features ``positions``), ``ids`` their
+        ids feature-major (validated: none negative) -> [B, F_req, D] float32."""
+        # Overflow to inf, inf - inf and signaling NaNs are answered as TBE answers them, silently.
+        with np.errstate(all="ignore"):
+            return self._pool(positions, lengths, ids)
+
+    def _pool(self, positions: Sequence[int], lengths: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        num, batch = lengths.shape
+        dim = self.table.shape[1]
+        if lengths.size == 0:
+            return np.zeros((batch, num, dim), dtype=np.float32)
+        plan = self._plan(positions)
+        if num == 1:  # one feature: its constants are scalars
+            limit, start = plan.limit[0], plan.row_start[0]
+        else:  # each feature's ids are one run: repeat its constants over the run
+            counts = lengths.sum(axis=1, dtype=np.int64)
+            limit, start = np.repeat(plan.limit, counts), np.repeat(plan.row_start, counts)
+        rows = np.minimum(ids.view(np.uint64), limit).view(np.int64)  # Full's OOV rule, as in read_numpy
+        rows += start
+        flat = lengths.reshape(-1)
+        if flat.max() <= 1:  # bags of at most one id (Criteo's): the rows are the bags
+            some_empty = rows.size != flat.size
+            if some_empty:  # empty bags read row 0 here and are zeroed below
+                slots = np.zeros(flat.size, dtype=np.int64)
+                slots[flat == 1] = rows
+                rows = slots
+            # Gathered in answer order ([B, F_req]), so the answer needs no transposing copy.
+            out = self.table.take(rows.reshape(num, batch).T.ravel(), axis=0).reshape(batch, num, dim)
+            if some_empty:
+                out[lengths.T == 0] = 0.0
+            if plan.zero_add:
+                out += 0.0  # TBE's 0.0 + row
+        else:
+            out = _bag_sums(self.table, rows, flat).reshape(num, batch, dim).transpose(1, 0, 2)
+        for i in plan.mean:
+            out[:, i] /= np.maximum(lengths[i], 1).astype(np.float32)[:, None]
+        return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """``NumpyBagPooler``'s constants for one list of requested features, in request order."""
+
+    limit: np.ndarray  # uint64 OOV row of each feature, relative to its first row
+    row_start: np.ndarray  # int64 first row of each feature in the pooler's table view
+    zero_add: bool  # some feature's table needs TBE's "0.0 + row" (see _needs_zero_add)
+    mean: list[int]  # request indices of the mean-pooled features
+
+
+def _bag_sums(table: np.ndarray, rows: np.ndarray, lengths: np.ndarray, max_steps: int = 64) -> np.ndarray:
+    """[bags, D] sums of ``table[rows]`` over consecutive bags of ``lengths``, in TBE's order:
+    ``0.0 + r0 + r1 + ...`` in float32 (not ``np.add.reduceat``, which adds pairwise and so
+    rounds differently from the third row on).
+
+    Bags padded to the longest one (padding rows zeroed) and summed one position at a time:
+    ``longest`` vector adds, each exact elementwise float32; used while the padding costs at
+    most ~4x the real rows. Otherwise ``np.add.at``, which adds row after row in id order."""
+    bags, count, dim = lengths.size, rows.size, table.shape[1]
+    out = np.zeros((bags, dim), dtype=np.float32)
+    if count == 0:
+        return out
+    longest = int(lengths.max())
+    if longest <= max_steps and bags * longest <= 4 * count + 64:
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        step = np.arange(longest)
+        padded = table.take(rows[np.minimum(starts[:, None] + step, count - 1)], axis=0)  # [bags, longest, D]
+        # Padding adds +0.0, which changes no partial sum: one that starts at 0.0 is never -0.0
+        # or a signaling NaN, the only values + 0.0 changes.
+        padded[step >= lengths[:, None]] = 0.0
+        for j in range(longest):
+            out += padded[:, j]
+        return out
+    np.add.at(out, np.repeat(np.arange(bags), lengths), table.take(rows, axis=0))
+    return out
+
+
+def _one_view(tables: Sequence[torch.Tensor]) -> tuple[np.ndarray, list[int]] | None:
+    """A numpy [R, D] view spanning ``tables`` and each one's first row in it, when they are
+    row-major [*, D] float32 views into one CPU storage at offsets that are whole rows (TBE keeps
+    every table in one buffer); else None."""
+    first = tables[0].detach()
+    dim = first.shape[1]
+    ptr = first.untyped_storage().data_ptr()
+    for t in tables:
+        if (t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 2 or t.shape[1] != dim
+                or t.stride() != (dim, 1) or t.storage_offset() % dim or t.untyped_storage().data_ptr() != ptr):
+            return None
+    low = min(t.storage_offset() for t in tables)
+    high = max(t.storage_offset() + t.numel() for t in tables)
+    view = torch.as_strided(first, ((high - low) // dim, dim), (dim, 1), low)
+    return view.numpy(), [(t.storage_offset() - low) // dim for t in tables]
+
+
+def build_bag_pooler(module: torch.nn.Module, readers: Mapping[str, Reader]) -> NumpyBagPooler | None:
+    """The numpy pooler for the features with a numpy row reader, if any, and only if it gives the
+    bits of ``module(kjt)`` on probe bags (every covered feature, the bag shapes of ``_PROBE_BAGS``,
+    known, OOV and huge ids); else None, and LookupBags runs the model's forward."""
+    names = list(module.feature_names)
+    covered_readers = {n: r for n, r in readers.items() if isinstance(r, TableRowReader) and r.numpy_table is not None}
+    if not covered_readers:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    positions = sorted(index[n] for n in covered_readers)
+    view = _one_view([covered_readers[names[p]].tables[0] for p in positions])
+    if view is None:
+        log.info("the numpy bag pooler needs the tables in one buffer; LookupBags runs the model's forward")
+        return None
+    table, starts = view
+    num = len(names)
+    row_start, limit = np.zeros(num, np.int64), np.zeros(num, np.int64)
+    covered, mean, zero_add = np.zeros(num, bool), np.zeros(num, bool), np.zeros(num, bool)
+    for p, start in zip(positions, starts):
+        reader = covered_readers[names[p]]
+        covered[p], row_start[p], limit[p] = True, start, reader.num_embeddings
+        mean[p], zero_add[p] = reader.pooling is Pooling.MEAN, reader.zero_add[0]
+    pooler = NumpyBagPooler(table, covered, row_start, limit, mean, zero_add)
+    sizes = [covered_readers[names[p]].num_embeddings for p in positions]
+    for pattern in _PROBE_BAGS:
+        lengths, values = _probe_bags(sizes, pattern)
+        full_lengths = np.zeros((num, lengths.shape[1]), dtype=np.int64)
+        full_lengths[positions] = lengths
+        kjt = KeyedJaggedTensor(keys=names, values=torch.from_numpy(values), lengths=torch.from_numpy(full_lengths.reshape(-1)))
+        with torch.no_grad():
+            expected = module(kjt).values().view(lengths.shape[1], num, -1)[:, positions]
+        got = torch.from_numpy(np.ascontiguousarray(pooler.pool(positions, lengths, values)))
+        if got.shape != expected.shape or not torch.equal(_bits(got), _bits(expected.contiguous())):
+            log.warning("the numpy bag pooler differs from the model's forward (bags %s); LookupBags runs the forward", pattern)
+            return None
+    return pooler
+
+
+# Bag lengths that reach each way NumpyBagPooler sums: at most one id per bag, short bags
+# (padded, up to 40 ids: the summation order), and one long bag among empty ones (np.add.at).
+_PROBE_BAGS = ((0, 1, 1, 0, 1, 1, 1, 0), (0, 1, 2, 3, 40, 1, 0, 5), (0, 1, 0, 0, 0, 0, 0, 100))
+
+
+def _probe_bags(sizes: Sequence[int], pattern: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """[F, len(pattern)] bag lengths (``pattern`` rotated per feature) and feature-major ids for
+    features of id-space ``sizes``, among them boundary, OOV and huge ids."""
+    rng = np.random.default_rng(1)
+    lengths = np.stack([np.roll(np.asarray(pattern, dtype=np.int64), f) for f in range(len(sizes))])
+    values = []
+    for f, size in enumerate(sizes):
+        count = int(lengths[f].sum())
+        ids = rng.integers(0, size, count)
+        edge = np.array([0, size - 1, size, size + 1, 2**40 + 3, 2**62], dtype=np.int64)
+        ids[rng.choice(count, min(count, edge.size), replace=False)] = edge[: min(count, edge.size)]
+        values.append(ids)
+    return lengths, np.concatenate(values).astype(np.int64)
+
+
+def _needs_zero_add(table: torch.Tensor, block_rows: int = 1 << 18) -> bool:
+    """Whether a copied row can differ from TBE's ``0.0 + row``: the table holds a -0.0 (bits
+    0x80000000; TBE gives +0.0) or a NaN (TBE quiets a signaling NaN). Scanned in row blocks so
+    the temporary masks stay small next to a multi-GB table."""
     with torch.no_grad():
-        bits = table.detach().view(torch.int32)
-        return any(bool((bits[i : i + block_rows] == -(2**31)).any()) for i in range(0, bits.shape[0], block_rows))
+        values = table.detach()
+        bits = values.view(torch.int32)
+        return any(
+            bool((bits[i : i + block_rows] == -(2**31)).any()) or bool(torch.isnan(values[i : i + block_rows]).any())
+            for i in range(0, bits.shape[0], block_rows)
+        )
 
 
 def _probe_ids(num_embeddings: int) -> torch.Tensor:

@@ -4,7 +4,14 @@ A synchronous grpc server with a small thread pool, not grpc.aio: torch releases
 its kernels, so handler threads overlap on the lookups themselves, and on the 2-core machine a
 bare sync server answered more requests per second than a bare aio one (4,000 vs 2,400 QPS with
 one client, 512-id payloads). ``torch.set_num_threads(1)`` by default: requests are small, and
-intra-op threads would only contend with the handler threads for the same cores.
+intra-op threads would only contend with the handler threads for the same cores (Full features
+use no torch per request at all; on the model-forward path 1 and 2 threads measured the same).
+
+Four request threads by default: handlers hold the GIL for most of their work, so more threads
+only add GIL hand-offs and context switches. On the 2-core machine 2 and 4 workers served as
+many requests as 8 or more (up to 1.3-1.5x at 4 clients), with up to ~20% less server CPU per
+request, and no measurable difference between 2 and 4 (benchmarks/NOTES.md, "Serving"); 4
+rather than 2 so that a few very large requests cannot occupy every thread while small ones wait.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from tablezip.embeddings import ArtifactError
 
 from .auth import BearerTokenInterceptor
-from .metrics import Metrics
+from .metrics import Metrics, MetricsEndpoint, prometheus_text
 from .model import LoadedModel, ModelHolder, load_model
 from .service import SERVICE_NAME, EmbeddingLookupService, method_handlers
 from .validation import DEFAULT_MAX_IDS, DEFAULT_MAX_MESSAGE_BYTES, Limits
@@ -37,7 +44,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 0
-    max_workers: int = 8
+    max_workers: int = 4  # see the module docstring
     max_concurrent_rpcs: int | None = 256  # beyond: RESOURCE_EXHAUSTED instead of an unbounded queue
     max_ids: int = DEFAULT_MAX_IDS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -46,6 +53,7 @@ class ServerConfig:
     tls_key: Path | None = None
     torch_threads: int | None = 1
     grace_seconds: float = 5.0
+    metrics_port: int | None = None  # Prometheus text on http://host:metrics_port/metrics; None: off
 
     def __post_init__(self) -> None:
         if self.max_workers < 1:
@@ -57,6 +65,10 @@ class ServerConfig:
         if self.token == "":
             raise ValueError("token must not be empty (leave it unset to serve without one)")
         Limits(self.max_ids)  # validates max_ids
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1 (or None: unbounded), got {self.max_concurrent_rpcs}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 (0: a free port), got {self.metrics_port}")
 
 
 def _handler_thread_setup(torch_threads: int | None) -> None:
@@ -78,6 +90,8 @@ class Server:
         self.metrics = Metrics()
         self.holder = ModelHolder(model or load_model(str(source), tracking_uri), tracking_uri)
         self.port: int | None = None
+        self.metrics_port: int | None = None  # the bound one, once started with config.metrics_port set
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self._health = health.HealthServicer()
         interceptors = [BearerTokenInterceptor(config.token, self.metrics)] if config.token else []
         self._server = grpc.server(
@@ -121,6 +135,11 @@ class Server:
             raise OSError(f"cannot bind {bind}: {err}") from None
         if not self.port:
             raise OSError(f"cannot bind {bind}")
+        if self.config.metrics_port is not None:
+            self._metrics_endpoint = MetricsEndpoint(
+                self.config.host, self.config.metrics_port, lambda: prometheus_text(self.metrics, self.holder)
+            ).start()
+            self.metrics_port = self._metrics_endpoint.port
         self._server.start()
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -130,6 +149,9 @@ class Server:
         """Report NOT_SERVING, let in-flight requests finish (up to ``grace`` seconds), stop."""
         self._health.enter_graceful_shutdown()
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
@@ -159,6 +181,8 @@ def serve_forever(source: str, config: ServerConfig, tracking_uri: str | None = 
         f"D={model.dim}, {model.dtype}) on {server.address} [{scheme}{', token' if config.token else ''}]",
         flush=True,
     )
+    if server.metrics_port is not None:
+        print(f"Prometheus metrics on http://{_hostport(config.host, server.metrics_port)}/metrics", flush=True)
     stop = threading.Event()
 
     def reload_in_background(*_: object) -> None:

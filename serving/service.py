@@ -18,7 +18,7 @@ import torch
 
 from tablezip.embeddings import ArtifactError
 
-from .compute import pool_bags, read_vectors
+from .compute import CHUNK_IDS, pool_bags, read_vectors
 from .metrics import Metrics
 from .model import LoadedModel, ModelHolder, server_version
 from .v1 import lookup_pb2 as pb
@@ -116,8 +116,14 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
         if reader is None:
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"unknown feature {request.feature!r}; the model has {list(model.feature_names)}")
         dtype = out_dtype(request.dtype)
-        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids)
+        numpy_path = getattr(reader, "numpy_table", None) is not None
+        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids, copy=not numpy_path)
         check_ids(ids, request.feature)
+        if numpy_path and ids.size <= CHUNK_IDS:  # the common case, kept to a handful of numpy calls
+            _check_deadline(context, "the lookup")
+            return _encode(reader.read_numpy(ids), dtype, model.checksum), ids.size
+        if not ids.flags.writeable:
+            ids = ids.copy()  # torch.from_numpy needs a writable array
         vectors = read_vectors(reader, ids, functools.partial(_check_deadline, context))
         return _encode(vectors, dtype, model.checksum), ids.size
 
@@ -126,10 +132,12 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
         model = self.holder.current
         positions = check_features(request.features, model.feature_names)
         dtype = out_dtype(request.dtype)
-        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids)
+        # Read-only views are enough: pool_bags hands torch only copies (concatenated ids, lengths
+        # scattered into the model's feature order).
+        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids, copy=False)
         lengths = decode_ints(
             request.lengths, request.lengths_le, what="lengths", dtype="int32", limit=self.limits.max_ids,
-            limit_name="--max-ids (one length per bag)",
+            limit_name="--max-ids (one length per bag)", copy=False,
         )
         batch = check_lengths(lengths, len(positions), ids.size)
         lengths = lengths.reshape(len(positions), batch)

@@ -7,6 +7,7 @@ array is built, so an oversized request costs the server nothing but its parse.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from .v1 import lookup_pb2 as pb
 DEFAULT_MAX_IDS = 1_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+_LITTLE_ENDIAN = {"int64": np.dtype("<i8"), "int32": np.dtype("<i4")}  # the packed *_le encodings
 _OUT_DTYPES = {pb.DTYPE_UNSPECIFIED: np.dtype("<f4"), pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2")}
 
 
@@ -54,24 +56,28 @@ def out_dtype(value: int) -> np.dtype:
         raise invalid(f"dtype {value} is not one of FLOAT32 (1), FLOAT16 (2)") from None
 
 
-def _packed(data: bytes, dtype: str, width: int, count_limit: int, what: str, limits_name: str) -> np.ndarray:
+def _packed(data: bytes, dtype: str, width: int, count_limit: int, what: str, limits_name: str, copy: bool) -> np.ndarray:
     if len(data) % width:
         raise invalid(f"{what}_le has {len(data)} bytes, not a multiple of {width} (packed little-endian {dtype})")
     n = len(data) // width
     if n > count_limit:
         raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{n} {what} exceed the server's {limits_name}={count_limit}")
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=True)
+    # On a little-endian host with copy=False this is a view of the request's bytes: no copy.
+    return np.frombuffer(data, dtype=_LITTLE_ENDIAN[dtype]).astype(dtype, copy=copy)
 
 
 def decode_ints(
-    repeated: Sequence[int], packed: bytes, *, what: str, dtype: str, limit: int, limit_name: str = "--max-ids"
+    repeated: Sequence[int], packed: bytes, *, what: str, dtype: str, limit: int, limit_name: str = "--max-ids",
+    copy: bool = True,
 ) -> np.ndarray:
-    """One of ``repeated`` / ``packed`` (not both) as a native, writable numpy array."""
-    width = np.dtype(dtype).itemsize
+    """One of ``repeated`` / ``packed`` (not both) as a native numpy array: writable, or with
+    ``copy=False`` possibly a read-only view of ``packed`` (enough for the numpy paths, which
+    only read ids; ``torch.from_numpy`` needs a writable array)."""
+    width = _LITTLE_ENDIAN[dtype].itemsize
     if len(repeated) and len(packed):
         raise invalid(f"set either {what} or {what}_le, not both")
     if len(packed):
-        return _packed(packed, dtype, width, limit, what, limit_name)
+        return _packed(packed, dtype, width, limit, what, limit_name, copy)
     if len(repeated) > limit:
         raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(repeated)} {what} exceed the server's {limit_name}={limit}")
     return np.array(repeated, dtype=dtype)
@@ -96,11 +102,19 @@ def check_bag_ids(ids: np.ndarray, lengths: np.ndarray, features: Sequence[str])
         raise invalid(f"id {int(ids[first])} at position {first - start} of feature {features[f]!r} is negative; ids must be >= 0")
 
 
+@functools.lru_cache(maxsize=16)
+def _feature_index(known: tuple[str, ...]) -> dict[str, int]:
+    return {name: i for i, name in enumerate(known)}
+
+
 def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
     """Model positions of the requested features: NOT_FOUND names an unknown one."""
     if not requested:
         raise invalid("features is empty; name at least one feature")
-    index = {name: i for i, name in enumerate(known)}
+    index = _feature_index(tuple(known))  # one dict per model, not per request
+    positions = [index.get(name, -1) for name in requested]
+    if -1 not in positions and len(set(positions)) == len(positions):
+        return positions  # the common case in two comprehensions; the loop below finds what is wrong
     positions = []
     seen: set[str] = set()
     for name in requested:

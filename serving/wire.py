@@ -40,15 +40,18 @@ def _key(field: int, wire_type: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _shape_and_dtype(shape: tuple[int, ...], dtype: int) -> bytes:
-    """``Tensor`` fields 2 and 3, serialized by protobuf itself; few distinct shapes recur."""
-    return pb.Tensor(shape=shape, dtype=dtype).SerializeToString()
-
-
-@functools.lru_cache(maxsize=64)
-def _checksum_field(checksum: str) -> bytes:
-    """Field 2 of the response; one per loaded model."""
-    return pb.LookupResponse(model_checksum=checksum).SerializeToString()
+def _framing(shape: tuple[int, ...], dtype: int, itemsize: int, checksum: str) -> tuple[bytes, bytes]:
+    """The bytes before and after the vector data of a response, serialized once per (shape,
+    dtype, model): few distinct shapes recur, and a request then costs one cache lookup and one
+    join instead of a dozen small serializations. The fields after the data are protobuf's own
+    serialization (``Tensor`` fields 2 and 3, then the response's checksum, field 2)."""
+    nbytes = itemsize
+    for size in shape:
+        nbytes *= size
+    head = _key(1, _LEN) + _varint(nbytes) if nbytes else b""
+    rest = pb.Tensor(shape=shape, dtype=dtype).SerializeToString()
+    outer = _key(1, _LEN) + _varint(len(head) + nbytes + len(rest))  # a set message field is written even when empty
+    return outer + head, rest + pb.LookupResponse(model_checksum=checksum).SerializeToString()
 
 
 def vectors_response(array: np.ndarray, dtype: int, checksum: str) -> bytes:
@@ -56,8 +59,5 @@ def vectors_response(array: np.ndarray, dtype: int, checksum: str) -> bytes:
     float16 matching ``dtype``) and the answering model's checksum."""
     if not array.flags.c_contiguous:
         raise ValueError("array must be C-contiguous")
-    data = memoryview(array.reshape(-1).view(np.uint8))  # flat bytes, also for a [0, D] array
-    head = _key(1, _LEN) + _varint(data.nbytes) if data.nbytes else b""
-    rest = _shape_and_dtype(tuple(int(s) for s in array.shape), dtype)
-    outer = _key(1, _LEN) + _varint(len(head) + data.nbytes + len(rest))  # a set message field is written even when empty
-    return b"".join((outer, head, data, rest, _checksum_field(checksum)))
+    head, tail = _framing(array.shape, dtype, array.itemsize, checksum)
+    return b"".join((head, array, tail))  # a C-contiguous array is a bytes-like object: one copy

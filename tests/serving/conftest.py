@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -43,6 +43,17 @@ def model_a(tmp_path_factory) -> tuple[CompressedEmbeddingBagCollection, Path]:
 def model_b(tmp_path_factory) -> tuple[CompressedEmbeddingBagCollection, Path]:
     coll = trained_collection(seed=1)
     return coll, coll.export(tmp_path_factory.mktemp("artifacts") / "b")
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> tuple[str, Any]:
+    """(URI, MlflowClient) of one sqlite-backed tracking store and model registry for the
+    session: creating the database (MLflow's migrations) costs seconds, so the MLflow tests share
+    it, each under its own experiment and model names."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+    return uri, mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @pytest.fixture

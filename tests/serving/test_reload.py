@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -143,12 +144,14 @@ def test_sighup_reloads_the_cli_server_in_place(tmp_path):
     artifact = coll_a.export(tmp_path / "served")
     env = {**os.environ, "TABLEZIP_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tablezip.pipelines.cli", "serve", str(artifact), "--port", "0"],
+        [sys.executable, "-m", "tablezip.pipelines.cli", "serve", str(artifact), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         out, err = Lines(proc.stdout), Lines(proc.stderr)
         address = out.wait_for("tablezip serving").rsplit(" on ", 1)[1].split()[0]
+        metrics_url = out.wait_for("Prometheus metrics on").rsplit(" on ", 1)[1].strip()
+        assert metrics_url.startswith("http://127.0.0.1:") and metrics_url.endswith("/metrics")
         client = Client(address, token=TOKEN)
         np.testing.assert_array_equal(client.lookup("c", IDS), expected_lookup(coll_a, "c", IDS).numpy())
 
@@ -158,6 +161,10 @@ def test_sighup_reloads_the_cli_server_in_place(tmp_path):
         info = client.model_info()
         assert info["generation"] == 2 and info["checksum"] == manifest_sha(artifact)
         np.testing.assert_array_equal(client.lookup("c", IDS), expected_lookup(coll_b, "c", IDS).numpy())
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:  # --metrics-port, end to end
+            scraped = response.read().decode().splitlines()
+        assert "tablezip_model_generation 2" in scraped and "tablezip_reloads_total 1" in scraped
+        assert 'tablezip_requests_total{method="Lookup",code="OK"} 2' in scraped
 
         (artifact / "tables.safetensors").write_bytes(b"not a tensor file")
         proc.send_signal(signal.SIGHUP)
@@ -174,16 +181,13 @@ def test_sighup_reloads_the_cli_server_in_place(tmp_path):
             proc.wait()
 
 
-def test_serves_an_artifact_logged_to_mlflow(tmp_path, serve, connect):
+def test_serves_an_artifact_logged_to_mlflow(tmp_path, serve, connect, mlflow_store):
     """The layout training logs: the run directory under artifact path "model", the collection
     in "model/embeddings"; both runs:/ URIs serve the same model."""
-    import mlflow
-
     coll = trained_collection(seed=2)
     run_dir = tmp_path / "run"
     coll.export(run_dir / "embeddings")
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    client_mlflow = mlflow.MlflowClient(tracking_uri=uri)
+    uri, client_mlflow = mlflow_store
     experiment = client_mlflow.create_experiment("serving", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client_mlflow.create_run(experiment)
     client_mlflow.log_artifacts(run.info.run_id, str(run_dir), artifact_path="model")
