@@ -5,7 +5,9 @@ on ``cuda`` gives the same vectors and the same fused-optimizer step as the CPU 
 same weights, then times forward and forward+backward of Full and Hash (10x) against torchrec's
 EmbeddingBagCollection and one nn.EmbeddingBag per table, plus the device-to-device copy
 bandwidth measured in the same run (the hardware ceiling a lookup-bound kernel is judged by).
-Hybrid and Pruned (10x) are timed in tablezip only. Every compressed variant is also timed with
+Hybrid and Pruned (10x) are timed in tablezip only, and so are the OTHER_METHODS (MultiHash, QR,
+KWay, MixedDim, Unified at 10x; ``tablezip_only``: each against the path its GPU change replaced,
+see NOTES "GPU: other methods"). Every compressed variant is also timed with
 ``batch_transforms = False`` ("per-feature transforms": each feature's own id transform, the code
 before issue 6), so one run gives the before and after of batching the transforms.
 
@@ -37,7 +39,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import env_info, time_cuda_fn, time_fn  # noqa: E402
 
-from tablezip.compress import fused_ids  # noqa: E402
+from tablezip.compress import fused_ids, fused_lookup  # noqa: E402
+from tablezip.compress.multihash import MultiHashLayout  # noqa: E402
 from tablezip.compress import (  # noqa: E402
     Hash,
     full_bytes,
@@ -197,11 +200,16 @@ OTHER_METHODS = ("multihash-10x", "qr-10x", "kway-10x", "md-10x", "unified-10x")
 
 
 def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTensor, dim: int, timed) -> list[dict[str, Any]]:
-    """Forward and fwd+bwd(+fused step) of one more method at 10x, batched and per-feature."""
+    """Forward and fwd+bwd(+fused step) of one more method at 10x: the default path, the
+    per-feature transforms, and the path each GPU change replaced, measured in the same run:
+    MultiHash with its probes unfolded (one TBE slot per probe, summed after), QR/KWay with the
+    fused inference lookup off (unpooled TBE rows, torch product), Unified with torch hashing.
+    Rows whose training path equals the default's are timed forward only (train_ms None).
+    The checks compare each default path with its replaced one on the GPU."""
     method = variant.split("-")[0]
-    coll = CompressedEmbeddingBagCollection(
-        features, dim, methods_for_budget(method, features, dim, full_bytes(features, dim) // 10), device=kjt.values().device
-    )
+    device = kjt.values().device
+    methods = methods_for_budget(method, features, dim, full_bytes(features, dim) // 10)
+    coll = CompressedEmbeddingBagCollection(features, dim, methods, device=device)
 
     def forward(batched: bool):
         def run() -> torch.Tensor:
@@ -212,31 +220,98 @@ def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTen
                 coll.batch_transforms = True
         return run
 
+    def switched(switch, value: str):
+        def run() -> torch.Tensor:
+            with switch.mode(value):
+                return coll(kjt).values()
+        return run
+
     with torch.no_grad():
         same = bool(torch.allclose(forward(True)(), forward(False)(), rtol=1e-5, atol=1e-6))
+    cases: dict[str, tuple[Any, bool]] = {"tablezip TBE": (forward(True), True)}
+    checks: dict[str, Any] = {}
+    twin = None
+    if method == "multihash":
+        twin = unfolded(features, dim, methods, device)
+        cases["tablezip TBE, probes unfolded (one slot per probe)"] = (lambda: twin(kjt).values(), True)
+        checks = fold_checks(features, dim, methods, kjt)
+    elif method in ("qr", "kway"):
+        cases["tablezip TBE, fused lookup off (unpooled rows, torch product)"] = (switched(fused_lookup, "off"), False)
+        with torch.no_grad():  # (enabled_for is False while grad is enabled: inference only)
+            out, ref = coll(kjt).values(), switched(fused_lookup, "off")()
+            used = fused_lookup.enabled_for(kjt.values()) and getattr(fused_lookup._PLANS.get(coll), "weights", None) is not None
+        checks = {"fused_lookup_used": used,
+                  "fused_forward_equal_tbe": bool(torch.equal(out, ref)), "fused_forward_max_abs_diff": float((out - ref).abs().max())}
+    elif method == "unified":
+        cases["tablezip TBE, torch transforms (fused_ids off)"] = (switched(fused_ids, "off"), True)
+        with torch.no_grad():
+            checks = {"forward_equal_torch_transforms": bool(torch.equal(coll(kjt).values(), switched(fused_ids, "off")()))}
+    cases["tablezip TBE, per-feature transforms"] = (forward(False), True)
     records = []
-    for impl, fwd in (("tablezip TBE", forward(True)), ("tablezip TBE, per-feature transforms", forward(False))):
+    for impl, (fwd, train) in cases.items():
         with torch.no_grad():
             f = timed(fwd)
+        t = None
+        if train:
+            def step() -> None:
+                fwd().sum().backward()
+                for m in (coll, twin):
+                    for p in (m.parameters() if m is not None else []):  # projections of md are dense parameters
+                        p.grad = None
 
-        def step() -> None:
-            fwd().sum().backward()
-            for p in coll.parameters():  # projections of md/compositional are dense parameters
-                p.grad = None
-
-        t = timed(step)
+            t = timed(step)
         looked_up = kjt.values().numel()
         records.append({
             "variant": variant, "impl": impl, "tables": len(features), "rows": features[0].num_embeddings, "dim": dim,
             "batch": kjt.stride(), "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
-            "physical_tables": len(coll.table_specs()), "bytes": coll.memory_bytes(),
-            "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"], "train_ms": t["median_ms"], "train_p90_ms": t["p90_ms"],
+            "physical_tables": len(coll.table_specs()), "tbe_slots": len(coll.tbe_feature_table_map()), "bytes": coll.memory_bytes(),
+            "methods": sorted({repr(m) for m in methods.values()})[:3], **checks,
+            "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"],
+            "train_ms": t["median_ms"] if t else None, "train_p90_ms": t["p90_ms"] if t else None,
             "fwd_rows_per_s": looked_up / (f["median_ms"] / 1e3),
             "fwd_GBps": looked_up * dim * 4 * 2 / (f["median_ms"] / 1e3) / 1e9,
         })
-    del coll
+    del coll, twin
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return records
+
+
+def unfolded(features, dim: int, methods, device: torch.device):
+    """The collection as it was before the fold: MultiHash's probes as separate TBE slots, each
+    pooled, then summed by ``combine`` (same seed, so the same tables as the default build)."""
+    MultiHashLayout.folds_slots = False
+    try:
+        return CompressedEmbeddingBagCollection(features, dim, methods, device=device)
+    finally:
+        MultiHashLayout.folds_slots = True
+
+
+def fold_checks(features, dim: int, methods, kjt: KeyedJaggedTensor) -> dict[str, Any]:
+    """Folded and unfolded twins: forward bit-identical (one id per bag), and after two
+    fused-Adagrad steps of a loss whose gradient differs per bag the tables are allclose (the
+    same gradient terms per row, summed in another order by the backward)."""
+    device = kjt.values().device
+    folded = CompressedEmbeddingBagCollection(features, dim, methods, device=device)
+    twin = unfolded(features, dim, methods, device)
+    weight = torch.linspace(-1, 1, len(features) * dim, device=device)
+    first_equal, diffs = None, []
+    for _ in range(2):
+        outs = []
+        for coll in (folded, twin):
+            out = coll(kjt).values()
+            (out.pow(2) * weight).sum().backward()
+            outs.append(out.detach())
+        first_equal = bool(torch.equal(outs[0], outs[1])) if first_equal is None else first_equal
+        diffs.append(float((outs[0] - outs[1]).abs().max()))
+    table_diff = max(float((a - b).abs().max()) for a, b in zip(folded.table_weights(), twin.table_weights()))
+    scale = max(float(a.abs().max()) for a in twin.table_weights())
+    result = {
+        "fold_tbe_slots": len(folded.tbe_feature_table_map()), "unfolded_tbe_slots": len(twin.tbe_feature_table_map()),
+        "fold_forward_equal_unfolded": first_equal, "fold_forward_max_abs_diff_after_step": diffs[-1],
+        "fold_train_tables_max_abs_diff": table_diff, "fold_train_tables_allclose": table_diff <= 1e-5 * scale + 1e-6,
+    }
+    del folded, twin
+    return result
 
 
 def fused_checks(coll, kjt: KeyedJaggedTensor, names: list[str], unfused_forward) -> dict[str, Any]:
@@ -353,8 +428,10 @@ def main() -> None:
     full = next((r for r in result["speed"] if r["variant"] == "full" and r["impl"] == "tablezip TBE"), None)
     for r in result["speed"]:
         vs = f"{r['fwd_ms'] / full['fwd_ms']:.2f}x" if full else "-"
-        vs_train = f"{r['train_ms'] / full['train_ms']:.2f}x" if full else "-"
-        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {vs} | {r['train_ms']:.3f} | {vs_train} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
+        trained = r["train_ms"] is not None
+        vs_train = f"{r['train_ms'] / full['train_ms']:.2f}x" if full and trained else "-"
+        train_ms = f"{r['train_ms']:.3f}" if trained else "(= default)"
+        lines.append(f"| {r['variant']} | {r['impl']} | {r['fwd_ms']:.3f} | {vs} | {train_ms} | {vs_train} | {r['fwd_rows_per_s'] / 1e9:.2f} | {r['fwd_GBps']:.0f} | "
                      f"{100 * r['fwd_GBps'] / result['copy_GBps']:.0f}% | {r['batched_equals_per_feature']} |")
     checked = {}
     for r in result["speed"]:
@@ -368,6 +445,12 @@ def main() -> None:
     for variant, c in checked.items():
         lines.append(f"| {variant} | {c['drop_by_weight']} | {c['fused_kernel_used']} | {c['fused_rows_equal_torch']} | {c['forward_equal_unfused']} | "
                      f"{c['forward_max_abs_diff_unfused']:.3g} | {c['train_outputs_equal_unfused']} | {c['train_tables_equal_unfused']} | {c['train_tables_max_abs_diff']:.3g} |")
+    prefixes = ("tbe_slots", "methods", "fold_", "unfolded_", "fused_lookup_used", "fused_forward", "forward_equal_torch_transforms")
+    other = {r["variant"]: {k: v for k, v in r.items() if k.startswith(prefixes)}
+             for r in result["speed"] if r["variant"] in OTHER_METHODS and r["impl"] == "tablezip TBE"}
+    if other:
+        lines += ["", "Other methods, default path against the path it replaced (same run, on the GPU):", ""]
+        lines += [f"- {variant}: `{json.dumps(c)}`" for variant, c in other.items()]
     lines += ["", f"Full, uniform ids, {args.sweep_batch} bags per table, L ids per bag (bytes = rows read + pooled rows written):", "",
               "| L | fwd ms | GB/s | % of copy BW |", "|---:|---:|---:|---:|"]
     for r in result["bag_sweep"]:

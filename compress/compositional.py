@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import CombineForm, FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .search import largest_fitting
 from .full import Full, batch_oov_rows, oov_rows
@@ -220,6 +220,10 @@ class CompositionalLayout(FeatureLayout):
             strides = [s * l.partitions[j] for s, l in zip(strides, comp)]
         digits.append(ids // batch.constant(strides))
         return batch.split_slots(digits[::-1])
+
+    def combine_form(self) -> CombineForm:
+        """``combine`` is the op over the slots, so the collection may compute it in place."""
+        return CombineForm(self.op)
 
     def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
         if self.op == "concat":

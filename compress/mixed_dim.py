@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from tablezip.embeddings.features import FeatureSpec
-from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
+from tablezip.embeddings.registry import CombineForm, FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 from .full import Full, batch_oov_rows, oov_rows
 from .search import largest_fitting
@@ -484,6 +484,11 @@ class MixedDimLayout(FeatureLayout):
                 out, fresh = (part @ weight if out is None else torch.addmm(out, part, weight)), True
         assert out is not None
         return out
+
+    def combine_form(self) -> CombineForm:
+        """``combine`` as the collection's fused assemble computes it (D-wide blocks added, then
+        one product per projected block), with the current projections."""
+        return CombineForm("project", tuple(self.projection_of(i) for i in range(len(self.dims))))
 
     def projection_of(self, block: int) -> torch.Tensor | None:
         """``P_i^T`` ([d_i, D]) of a block, None when the block is already ``D`` wide."""

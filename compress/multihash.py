@@ -8,8 +8,12 @@ whole vector only if all ``k`` probes collide (probability ``rows**-k`` instead 
 importance weights of hash embeddings are left out: the plain sum is the Bloom-filter variant,
 and it keeps the combiner linear, so TBE pools each probe's rows inside the kernel.
 
-The table is stored once (one shared ``TableSpec`` key per feature read by ``probes`` TBE
-slots): the memory is that of ``Hash(rows)``, only the lookups multiply.
+The table is stored once (one shared ``TableSpec`` key per feature read by ``probes`` slots):
+the memory is that of ``Hash(rows)``, only the lookups multiply. The probes are folded
+(``FeatureLayout.folds_slots``): TBE sees one slot per feature whose bag of L ids holds all
+``probes * L`` rows, so it pools the sum itself and writes one vector per bag. For bags of one id
+that is exactly the per-probe sum (the same additions in the same order); for longer bags the
+rows are added in another order (allclose, not bit-equal; see tests/compress/test_multihash.py).
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import torch
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .full import Full
-from .hashing import Hash, hash_ids, hash_methods_for_budget, hash_rows, seed_mix
+from .hashing import MIX, Hash, hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 MAX_PROBES = 16
 # Per-probe seeds are ``seed * MAX_PROBES + probe``: distinct (seed, probe) pairs never share a
@@ -69,6 +74,8 @@ def multihash_rows(ids: torch.Tensor, rows: int, probes: int, seed: int) -> list
 
 
 class MultiHashLayout(FeatureLayout):
+    folds_slots = True  # every probe reads the one table and combine is their sum
+
     def __init__(self, feature: FeatureSpec, dim: int, config: MultiHash) -> None:
         super().__init__(feature, dim, config)
         self.rows = config.rows
@@ -88,13 +95,22 @@ class MultiHashLayout(FeatureLayout):
 
     @classmethod
     def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
-        """One splitmix64 per probe over the ids of every feature with that many probes."""
+        """One splitmix64 per probe over the ids of every feature with that many probes (the fused
+        Hash kernel where it runs). The probes' rows come back as the columns of one [N, probes]
+        block, so the collection's fold (every probe row of an id side by side in its bag,
+        ``registry.interleaved``) is a view, not a copy."""
         multi = cast(Sequence[MultiHashLayout], layouts)
-        rows = batch.constant([l.rows for l in multi])
-        return batch.split_slots([
-            hash_rows(batch.ids, rows, batch.constant([seed_mix(probe_seed(l.seed, p)) for l in multi]))
-            for p in range(multi[0].probes)
-        ])
+        seeds = [[seed_mix(probe_seed(l.seed, p)) for l in multi] for p in range(multi[0].probes)]
+        per_probe = []
+        for probe_seeds in seeds:
+            fused = fused_ids.rows(batch, fused_ids.HASH, a=[l.rows for l in multi], b=probe_seeds, mix=MIX)
+            if fused is None:
+                fused = hash_rows(batch.ids, batch.constant([l.rows for l in multi]), batch.constant(probe_seeds))
+            per_probe.append(fused)
+        if len(per_probe) == 1:
+            return batch.split_slots(per_probe)
+        block = torch.stack(per_probe, dim=1)
+        return batch.split_slots([block[:, p] for p in range(len(per_probe))])
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         out = pooled[0]

@@ -20,8 +20,9 @@ import torch
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .full import Full
-from .hashing import hash_ids, hash_methods_for_budget, hash_rows, seed_mix
+from .hashing import MIX, hash_ids, hash_methods_for_budget, hash_rows, seed_mix
 
 _SEED_LIMIT = 2**63
 
@@ -107,13 +108,15 @@ class UnifiedLayout(FeatureLayout):
     @classmethod
     def transform_batch(cls, layouts: Sequence[FeatureLayout], batch: IdBatch) -> list[list[torch.Tensor]]:
         """One splitmix64 per chunk over the ids of every feature with that many chunks, each id
-        salted by its own feature."""
+        salted by its own feature: the fused Hash kernel where it runs (CUDA; the per-feature salts
+        are read from a small table instead of a per-id seed tensor), else the torch ops."""
         unified = cast(Sequence[UnifiedLayout], layouts)
-        rows = batch.constant([l.rows for l in unified])
-        return batch.split_slots([
-            hash_rows(batch.ids, rows, batch.constant([seed_mix(l.salts[c]) for l in unified]))
-            for c in range(unified[0].chunks)
-        ])
+        slots = []
+        for c in range(unified[0].chunks):
+            salts = [seed_mix(l.salts[c]) for l in unified]
+            fused = fused_ids.rows(batch, fused_ids.HASH, a=[l.rows for l in unified], b=salts, mix=MIX)
+            slots.append(fused if fused is not None else hash_rows(batch.ids, batch.constant([l.rows for l in unified]), batch.constant(salts)))
+        return batch.split_slots(slots)
 
     def combine(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from .assemble import plan_for
 from .features import FeatureSpec, Pooling
-from .registry import BatchCache, FeatureLayout, IdBatch, MethodConfig, TableSpec, build_layout, joined
-from .tbe import TableOptimizer, build_tbe, init_uniform_
+from .registry import BatchCache, FeatureLayout, IdBatch, MethodConfig, TableSpec, build_layout, interleaved, joined
+from .tbe import TableOptimizer, build_tbe, check_offsets, init_uniform_
 
 
 class EmbeddingBagLookup(nn.Module):
@@ -40,6 +41,16 @@ class EmbeddingBagLookup(nn.Module):
     # a row that only dropped ids touched). Only with ``batch_transforms`` (the per-feature path
     # stays the old code). Tested against compaction in tests/compress/test_pruned.py.
     drop_by_weight: bool = False
+    # True: ``self.tbe`` skips fbgemm's ``bounds_check_indices`` pass and ``_lookup`` checks the
+    # offsets itself (``tbe.check_offsets``). CPU training collections only: fbgemm's CPU forward
+    # kernel rejects every row outside its table by itself (tests/embeddings/test_collection.py
+    # pins that), so the pass only adds its offsets checks, a scalar loop over all bags and ids
+    # (~0.5 ms of a ~13 ms step at 26 x 4096 bags) that one vectorised compare replaces.
+    _checks_offsets: bool = False
+    # True: ``_general`` writes the output and TBE's gradient in one fused autograd step
+    # (embeddings/assemble.py) when every layout declares its ``combine_form``; False: ``combine``
+    # per feature and a concatenation (the reference, also whenever ``batch_transforms`` is off).
+    fused_assemble: bool = True
 
     def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
         """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
@@ -47,11 +58,17 @@ class EmbeddingBagLookup(nn.Module):
         self.dim = dim
         self.layouts = layouts
         self._tables, self._slot_table, self._feature_slots = _plan_tables(list(self.layouts.values()))
+        # Folded layouts (``FeatureLayout.folds_slots``, MultiHash's probes) give TBE one slot, their
+        # first; the others stay logical slots (``feature_tables``, artifacts) that TBE never sees.
+        self._folds = [l.folds_slots and l.pooled_in_tbe and not l.may_drop for l in self.layouts.values()]
+        folded_away = {s for fold, slots in zip(self._folds, self._feature_slots) if fold for s in slots[1:]}
         # fbgemm's CPU row-wise Adagrad backward fails ("num of rows processed by adagrad") when
         # the slots reading one table are not adjacent, as with a table shared by features that
         # others sit between; so TBE sees the slots grouped by table (stable: identity without
         # shared tables) and _general permutes rows in and pooled parts back.
-        self._tbe_order = sorted(range(len(self._slot_table)), key=self._slot_table.__getitem__)
+        self._tbe_order = sorted(
+            (s for s in range(len(self._slot_table)) if s not in folded_away), key=self._slot_table.__getitem__
+        )
         self._passthrough = (
             len(self._slot_table) == len(features)
             and self._tbe_order == list(range(len(features)))
@@ -71,6 +88,17 @@ class EmbeddingBagLookup(nn.Module):
                 (l.is_passthrough or _passes_through_but_drops(l))
                 and self._tables[self._slot_table[i]].dim == dim
                 for i, l in enumerate(self.layouts.values())
+            )
+        )
+        # With folds (batched path only): every feature one TBE slot, in feature order, whose
+        # output is the feature's vector, so the forward skips ``_general`` too.
+        self._fold_factor = [len(slots) if fold else 1 for fold, slots in zip(self._folds, self._feature_slots)]
+        self._passthrough_folded = (
+            any(self._folds)
+            and self._tbe_order == [slots[0] for slots in self._feature_slots]
+            and all(
+                (l.is_passthrough or fold) and self._tables[self._slot_table[slots[0]]].dim == dim
+                for l, fold, slots in zip(self.layouts.values(), self._folds, self._feature_slots)
             )
         )
         self._any_mean = any(f.pooling is Pooling.MEAN for f in features)
@@ -126,10 +154,31 @@ class EmbeddingBagLookup(nn.Module):
         batch = kjt.stride()
         lengths = kjt.lengths().view(len(self.features), batch)
         layouts = list(self.layouts.values())
+        if self.batch_transforms and not torch.is_grad_enabled():
+            # Inference on CUDA: QR/KWay (+ Full) collections in one Triton kernel that reads the
+            # TBE's tables in place (compress/fused_lookup.py); None where it does not apply.
+            from tablezip.compress import fused_lookup
+
+            fused = fused_lookup.pooled(self, values, kjt.offsets(), batch)
+            if fused is not None:
+                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(layouts), values=fused)
         by_weight = self._passthrough_by_weight and self.drop_by_weight and self.batch_transforms
-        if self._passthrough or by_weight:
-            indices = joined([rows[0] for rows in self.transform_ids(per_feature)])
-            pooled = self._lookup(indices, kjt.offsets().to(torch.int64), by_weight)
+        folded = self._passthrough_folded and self.batch_transforms
+        if self._passthrough or by_weight or folded:
+            all_rows = self.transform_ids(per_feature)
+            offsets = kjt.offsets().to(torch.int64)
+            # CPU, bags of one id: TBE gets the cached offsets 0..n, which are valid by construction,
+            # instead of the KJT's, which would need the full check (on CUDA the check is fbgemm's
+            # and the lengths test would be a host sync, so the KJT's offsets stay).
+            unit = self._checks_offsets and not folded and _all_ones(lengths, int(values.numel()))
+            if unit:
+                offsets = self._unit_offsets(int(values.numel()), lengths.device)
+            if folded:  # each bag holds every slot's rows of its ids (see FeatureLayout.folds_slots)
+                indices = joined([interleaved(rows) for rows in all_rows])
+                offsets = self._folded_offsets(offsets, lengths)
+            else:
+                indices = joined([rows[0] for rows in all_rows])
+            pooled = self._lookup(indices, offsets, by_weight, built=unit)
             if self._any_mean:
                 pooled = self._finish_mean(pooled.view(batch, len(layouts), self.dim), lengths).view(batch, -1)
         else:
@@ -146,7 +195,16 @@ class EmbeddingBagLookup(nn.Module):
         batch = lengths.shape[1]
         all_rows = self.transform_ids(per_feature)
         by_weight = self._drops and self.drop_by_weight and self.batch_transforms
-        dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths)
+        # Every bag holds one id (Criteo): bag lengths need no cumsums (drops, offsets) and the
+        # per-id rows of unpooled slots are the bags. One cheap check per batch: a host sync, so
+        # on CUDA only where the unpooled slots need it anyway (as before).
+        ones = (lengths.device.type == "cpu" or not all(l.pooled_in_tbe for l in layouts)) and _all_ones(
+            lengths, sum(int(ids.numel()) for ids in per_feature)
+        )
+        # (The shortcuts below are exact, but ``batch_transforms = False`` keeps the old code: it is
+        # the reference the tests compare against.)
+        fast = self.batch_transforms
+        dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths, unit=ones and fast)
         rows_per_slot: list[torch.Tensor] = []
         lengths_per_slot: list[torch.Tensor] = []
         for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
@@ -154,6 +212,15 @@ class EmbeddingBagLookup(nn.Module):
                 kept_rows, kept_lengths = dropped[f]
                 rows_per_slot.extend(kept_rows)
                 lengths_per_slot.extend(kept_lengths)
+                continue
+            if self._folds[f]:  # one TBE slot (the first); the others get placeholders never read
+                k = len(feature_rows)
+                if self.batch_transforms:  # all k rows of each id in its bag: TBE pools the sum
+                    rows, slot_lengths = interleaved(feature_rows), feature_lengths.to(torch.int64) * k
+                else:  # the reference: slot p's B bags after slot p - 1's, combined below
+                    rows, slot_lengths = torch.cat(feature_rows), feature_lengths.to(torch.int64).repeat(k)
+                rows_per_slot.extend([rows] * k)
+                lengths_per_slot.extend([slot_lengths] * k)
                 continue
             for rows in feature_rows:
                 if not layout.pooled_in_tbe:
@@ -163,28 +230,56 @@ class EmbeddingBagLookup(nn.Module):
                 rows_per_slot.append(rows)
         order = self._tbe_order
         bags = max([batch] + [l.numel() for l in lengths_per_slot])
-        if all(l.numel() == batch for l in lengths_per_slot):  # one stack instead of a copy per slot
-            padded = torch.stack([lengths_per_slot[s] for s in order])
+        # Bags of one id (Criteo) and no slot whose lengths were changed (drops, folds): every slot
+        # holds B bags of one row, so the offsets are 0..n (cached) instead of a stack and a cumsum
+        # over all slots.
+        unit_bags = fast and ones and not dropped and not any(self._folds)
+        if unit_bags:
+            offsets = self._unit_offsets(len(order) * batch, lengths.device)
         else:
-            padded = torch.zeros(len(lengths_per_slot), bags, dtype=torch.int64, device=lengths.device)
-            for i, s in enumerate(order):
-                padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
-        offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
-        torch.cumsum(padded.view(-1), 0, out=offsets[1:])
-        out = self._lookup(torch.cat([rows_per_slot[s] for s in order]), offsets, by_weight)
+            if all(l.numel() == batch for l in lengths_per_slot):  # one stack instead of a copy per slot
+                padded = torch.stack([lengths_per_slot[s] for s in order])
+            else:
+                padded = torch.zeros(len(order), bags, dtype=torch.int64, device=lengths.device)
+                for i, s in enumerate(order):
+                    padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
+            offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
+            torch.cumsum(padded.view(-1), 0, out=offsets[1:])
+        # With bags of one id every slot's lengths are >= 0 by construction (ones, or 0/1 kept).
+        out = self._lookup(torch.cat([rows_per_slot[s] for s in order]), offsets, by_weight, built=ones)
+        if fast and self._passthrough_by_weight and bags == batch:
+            # Only its drops kept this collection off the fast path: every vector is its one slot's
+            # TBE columns, in feature order, so TBE's output is the result (no split, no cat).
+            if self._any_mean:
+                return self._finish_mean(out.view(batch, len(layouts), self.dim), lengths).view(batch, -1)
+            return out
+        if fast and self.fused_assemble:
+            plan = plan_for(self)  # None when some layout's combine has no CombineForm
+            if plan is not None and (plan.all_pooled or ones):
+                return plan(out, batch, lengths)
         by_tbe_slot = torch.split(out, [self._tables[self._slot_table[s]].dim for s in order], dim=1)
-        parts: list[torch.Tensor] = [by_tbe_slot[0]] * len(order)
+        parts: list[torch.Tensor] = [by_tbe_slot[0]] * len(self._slot_table)
         for i, s in enumerate(order):
             parts[s] = by_tbe_slot[i]
         # One check for the whole batch (a host sync), only when some feature pools after TBE.
-        single_id_bags = not all(l.pooled_in_tbe for l in layouts) and bool((lengths == 1).all())
+        single_id_bags = ones
         vectors = []
-        for layout, slots, feature, ids, feature_lengths in zip(layouts, self._feature_slots, self.features, per_feature, lengths):
-            if layout.pooled_in_tbe:
+        for f, (layout, slots, feature, ids, feature_lengths) in enumerate(
+            zip(layouts, self._feature_slots, self.features, per_feature, lengths)
+        ):
+            if self._folds[f]:
+                part = parts[slots[0]]
+                if self.batch_transforms:
+                    vec = part if bags == batch else part[:batch]
+                else:
+                    vec = layout.combine([part[p * batch : (p + 1) * batch] for p in range(len(slots))])
+            elif layout.pooled_in_tbe:
                 # Slice only when TBE had to pad: even a no-op slice costs a zero-fill and copy in backward.
                 vec = layout.combine([parts[s] if bags == batch else parts[s][:batch] for s in slots])
             else:
-                per_id = layout.combine([parts[s][: ids.numel()] for s in slots])
+                # Unpooled slots hold one bag per id, then TBE's padding: slice only past the ids
+                # (bags of one id: never), as above.
+                per_id = layout.combine([parts[s] if ids.numel() == bags else parts[s][: ids.numel()] for s in slots])
                 if single_id_bags:  # one id per bag (Criteo): the per-id vectors are the bags
                     vec = per_id
                 else:
@@ -193,9 +288,31 @@ class EmbeddingBagLookup(nn.Module):
             vectors.append(feature.pooling.finish(vec, feature_lengths))
         return torch.cat(vectors, dim=1)
 
-    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor, by_weight: bool) -> torch.Tensor:
+    def _unit_offsets(self, n: int, device: torch.device) -> torch.Tensor:
+        """``0, 1, ..., n``: the TBE offsets of n bags of one id each. Kept for the latest ``n`` (a
+        training loop's fixed batch builds it once); TBE only reads its offsets."""
+        cached: torch.Tensor | None = self.__dict__.get("_unit_offsets_cache")
+        if cached is None or cached.numel() != n + 1 or cached.device != device:
+            cached = torch.arange(n + 1, dtype=torch.int64, device=device)
+            self.__dict__["_unit_offsets_cache"] = cached  # a cache, not module state
+        return cached
+
+    def _folded_offsets(self, offsets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """TBE offsets once each bag of a folded feature holds k rows per id (``_fold_factor``)."""
+        factors = set(self._fold_factor)
+        if len(factors) == 1:
+            return offsets * factors.pop()
+        scaled = lengths.to(torch.int64) * lengths.new_tensor(self._fold_factor, dtype=torch.int64).unsqueeze(1)
+        out = torch.zeros(scaled.numel() + 1, dtype=torch.int64, device=lengths.device)
+        torch.cumsum(scaled.view(-1), 0, out=out[1:])
+        return out
+
+    def _lookup(self, indices: torch.Tensor, offsets: torch.Tensor, by_weight: bool, built: bool = False) -> torch.Tensor:
         """The one TBE call; with ``by_weight`` the -1 rows of dropped ids become row 0 with a
-        weight of 0 and every other row gets a weight of 1 (see ``drop_by_weight``)."""
+        weight of 0 and every other row gets a weight of 1 (see ``drop_by_weight``). ``built``:
+        the offsets are a cumsum of lengths known to be >= 0, so only their ends are checked."""
+        if self._checks_offsets:
+            check_offsets(indices, offsets, monotonic=not built)
         if not by_weight:
             return self.tbe(indices, offsets)
         from tablezip.compress.fused_ids import zero_weight_drops
@@ -218,7 +335,7 @@ class EmbeddingBagLookup(nn.Module):
         return out
 
     def _drop_missing(
-        self, layouts: list[FeatureLayout], all_rows: list[list[torch.Tensor]], lengths: torch.Tensor
+        self, layouts: list[FeatureLayout], all_rows: list[list[torch.Tensor]], lengths: torch.Tensor, unit: bool = False
     ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """feature -> (kept rows per slot, bag lengths per slot) of every feature whose ids may have
         no row (``may_drop``): the -1 rows are removed and the bags shrink accordingly.
@@ -239,7 +356,7 @@ class EmbeddingBagLookup(nn.Module):
         for f in sorted(single):
             # One cumsum for all of the feature's slots instead of one per slot.
             keep = torch.stack(all_rows[f]) >= 0
-            kept_lengths = _kept_lengths(keep, lengths[f])
+            kept_lengths = keep.to(torch.int64) if unit else _kept_lengths(keep, lengths[f])
             out[f] = ([rows[k] for rows, k in zip(all_rows[f], keep)], list(kept_lengths))
         for group in groups:
             slots = len(all_rows[group[0]])
@@ -247,9 +364,12 @@ class EmbeddingBagLookup(nn.Module):
             keep = torch.stack([rows >= 0 for rows in flat]) if slots > 1 else (flat[0] >= 0).unsqueeze(0)
             contiguous = group == list(range(group[0], group[-1] + 1))
             group_lengths = lengths[group[0] : group[-1] + 1] if contiguous else torch.stack([lengths[f] for f in group])
-            kept_lengths = _kept_lengths(keep, group_lengths.reshape(-1)).view(slots, len(group), -1)
+            if unit:  # bags of one id: a bag keeps 1 id or 0
+                kept_lengths = keep.to(torch.int64).view(slots, len(group), -1)
+            else:
+                kept_lengths = _kept_lengths(keep, group_lengths.reshape(-1)).view(slots, len(group), -1)
             sizes = kept_lengths.sum(2).tolist()  # one host sync for the whole group
-            kept_rows = [torch.split(flat[s][keep[s]], sizes[s]) for s in range(slots)]
+            kept_rows = [torch.split(torch.masked_select(flat[s], keep[s]), sizes[s]) for s in range(slots)]
             for j, f in enumerate(group):
                 out[f] = ([kept_rows[s][j] for s in range(slots)], [kept_lengths[s, j] for s in range(slots)])
         return out
@@ -317,7 +437,10 @@ class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
         self.drop_by_weight = self.device.type == "cuda" and optimizer.weight_decay == 0
         layouts = nn.ModuleDict({f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features})
         self._plan(features, dim, layouts)
-        self.tbe = build_tbe(self._tables, self.tbe_feature_table_map(), optimizer, self.device)
+        self._checks_offsets = self.device.type == "cpu"  # see EmbeddingBagLookup._checks_offsets
+        self.tbe = build_tbe(
+            self._tables, self.tbe_feature_table_map(), optimizer, self.device, bounds_check=not self._checks_offsets
+        )
         generator = torch.Generator().manual_seed(seed)
         init_uniform_(self.tbe, generator)
         weights = self.table_weights()
@@ -428,6 +551,15 @@ def _passes_through_but_drops(layout: FeatureLayout) -> bool:
         and layout.pooled_in_tbe
         and layout.may_drop
     )
+
+
+def _all_ones(lengths: torch.Tensor, ids: int) -> bool:
+    """Whether every bag of ``lengths`` holds exactly one id (``ids``: their total, which rules most
+    other batches out for free). aminmax: one pass, about half the time of ``(lengths == 1).all()``."""
+    if ids != lengths.numel() or ids == 0:
+        return False
+    low, high = torch.aminmax(lengths)
+    return int(low) == 1 and int(high) == 1
 
 
 def _kept_lengths(keep: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,13 @@ class FeatureLayout(nn.Module):
 
     pooled_in_tbe: ClassVar[bool] = True
     may_drop: ClassVar[bool] = False
+    # ``folds_slots``: every slot reads ONE table and ``combine`` is their plain sum (MultiHash's
+    # probes). The sum is linear, so the collection gives such a layout a single TBE slot whose bag
+    # holds every slot's rows of the bag's ids (a bag of L ids becomes one of k * L rows): TBE
+    # pools the sum itself and writes one vector per bag instead of k. Only for ``pooled_in_tbe``
+    # layouts that do not ``may_drop``; the per-feature path (``batch_transforms = False``)
+    # still pools each slot apart and calls ``combine`` (the reference).
+    folds_slots: ClassVar[bool] = False
 
     def __init__(self, feature: FeatureSpec, dim: int, config: MethodConfig) -> None:
         super().__init__()
@@ -100,6 +107,17 @@ class FeatureLayout(nn.Module):
         (only,) = pooled
         return only
 
+    def combine_form(self) -> "CombineForm | None":
+        """``combine`` as one of the forms the collection computes itself, straight into its
+        output and gradient (``CombineForm``, embeddings/assemble.py), or None: then the whole
+        collection calls ``combine`` per feature. The default: the identity, for one table of
+        width D whose pooled rows already are the vector."""
+        tables = self.tables()
+        identity = type(self).combine is FeatureLayout.combine or self.is_passthrough
+        if identity and len(tables) == 1 and tables[0].dim == self.dim:
+            return CombineForm("identity")
+        return None
+
     @property
     def is_passthrough(self) -> bool:
         """True when the TBE output for this feature already is its vector (fast path)."""
@@ -118,6 +136,27 @@ class FeatureLayout(nn.Module):
     def extra_bytes(self) -> int:
         """Bytes this layout stores outside the TBE (projections, remap arrays, ...)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+@dataclass(frozen=True, eq=False)
+class CombineForm:
+    """A ``combine`` the collection can compute without calling it (``FeatureLayout.combine_form``).
+
+    ``kind``: "identity" (one slot; its rows are the vector), "mult" / "add" (the slots multiplied
+    / added left to right, all D wide), "concat" (the slots side by side), "project" (MixedDim:
+    the D-wide slots added in slot order, then ``slot @ weights[i]`` added for every slot ``i``
+    whose weight is not None, in slot order; ``weights`` holds one entry per slot). The
+    collection's fused assemble must give what ``combine`` gives: exactly for every kind but
+    "project", whose matrix products may round differently (tested with a tolerance)."""
+
+    kind: str
+    weights: tuple[torch.Tensor | None, ...] = ()
+
+    KINDS: ClassVar[tuple[str, ...]] = ("identity", "mult", "add", "concat", "project")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"CombineForm.kind must be one of {self.KINDS}, got {self.kind!r}")
 
 
 class BatchCache:
@@ -235,6 +274,24 @@ class IdBatch:
         (every layout of the group has the same slots); the parts are views."""
         per_slot = [torch.split(rows, self.counts) for rows in slots]
         return [[parts[f] for parts in per_slot] for f in range(len(self.counts))]
+
+
+def interleaved(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(parts, dim=1).view(-1)`` of k equally long 1-D tensors (the k values of
+    position i side by side: the rows of one id in every slot of a folded layout, see
+    ``FeatureLayout.folds_slots``), but a view without a copy when the parts are the columns of
+    one row-major [n, k] block, as ``MultiHashLayout.transform_batch`` returns them."""
+    if len(parts) == 1:
+        return parts[0]
+    first, k = parts[0], len(parts)
+    n, size = int(first.numel()), first.element_size()
+    if n and all(
+        p.dim() == 1 and p.dtype == first.dtype and p.device == first.device and p.numel() == n
+        and (n == 1 or p.stride(0) == k) and p.data_ptr() == first.data_ptr() + i * size
+        for i, p in enumerate(parts)
+    ) and (first.storage_offset() + n * k) * size <= first.untyped_storage().nbytes():
+        return first.as_strided((n * k,), (1,), first.storage_offset())
+    return torch.stack(list(parts), dim=1).view(-1)
 
 
 def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Multi-probe hashing: rows from independent salted hashes, one shared table, vectors summed."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,8 +11,10 @@ from hypothesis import strategies as st
 
 # Registers "multihash" until compress/__init__.py imports the module.
 from tablezip.compress.multihash import MultiHash, multihash_methods_for_budget, multihash_rows
-from tablezip.compress import Full, Hash, full_bytes, hash_ids, hash_methods_for_budget
+from tablezip.compress import QR, Full, Hash, Pruned, full_bytes, hash_ids, hash_methods_for_budget
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+from tablezip.embeddings.registry import interleaved, joined
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.conftest import random_kjt
 from tests.reference import reference_hash
 
@@ -160,3 +163,93 @@ def test_budget_fits_and_round_trips(ratio, tmp_path):
 def test_budget_below_one_row_per_feature_is_refused():
     with pytest.raises(ValueError, match="budget_bytes"):
         multihash_methods_for_budget(CRITEO_FEATURES, 16, 16 * 4 * 10)
+
+
+# -- folded probes (FeatureLayout.folds_slots): one TBE slot, a bag of probes * L rows ---------
+def _one_id_kjt(names: list[str], batch: int, seed: int) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-30, 2000, (len(names) * batch,), generator=g)
+    return KeyedJaggedTensor(keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.long))
+
+
+def _train_pair(features, methods, kjt, optimizer: TableOptimizer, steps: int = 2):
+    """(outputs, tables) of the folded (batched) path and of its deep-copied twin on the
+    per-feature reference (each probe pooled apart, then summed), after ``steps`` fused steps
+    of a loss whose gradient differs per bag and column."""
+    folded = CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=optimizer, seed=3)
+    reference = copy.deepcopy(folded)
+    reference.batch_transforms = False
+    outs: list[list[torch.Tensor]] = [[], []]
+    for _ in range(steps):
+        for i, coll in enumerate((folded, reference)):
+            out = coll(kjt).values()
+            (out.pow(2) * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+            outs[i].append(out.detach())
+    return outs, [list(folded.table_weights()), list(reference.table_weights())], folded
+
+
+def test_probes_fold_into_one_tbe_slot_per_feature():
+    collection = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS)
+    assert collection.feature_tables("a") == [0, 0, 0]  # logical slots, artifacts: unchanged
+    assert collection.tbe_feature_table_map() == [0, 1, 2]  # what TBE sees: one slot each
+    assert collection._passthrough_folded  # no _general, no combine: TBE's output is the vector
+    mixed = CompressedEmbeddingBagCollection(FEATURES, DIM, {"a": Full(), "b": MultiHash(rows=40, probes=3), "c": QR(collisions=5)})
+    assert mixed.tbe_feature_table_map() == [0, 1, 2, 3] and not mixed._passthrough_folded
+
+
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "adagrad", "sgd"])
+def test_folded_one_id_bags_equal_the_reference_bit_for_bit(kind):
+    """One id per bag: TBE adds the probe rows of the id in probe order, starting from 0, which
+    is exactly ``combine``'s sum of the per-probe bags of one row, so the first forward is
+    bit-identical. The tables get the same gradient terms per row, summed by the backward in
+    another order where a row repeats (two ids or two probes hit it): allclose from then on."""
+    kjt = _one_id_kjt(NAMES, 64, seed=4)
+    outs, tables, _ = _train_pair(FEATURES, METHODS, kjt, TableOptimizer(kind=kind, lr=0.3))
+    assert torch.equal(outs[0][0], outs[1][0])  # the same tables: bit for bit
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)  # after a step: allclose
+    for got, ref in zip(*tables):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_folded_bags_of_several_ids_are_allclose_to_the_reference():
+    """Longer bags: the same rows added in another order (id by id instead of probe by probe)."""
+    kjt = random_kjt(NAMES, batch=48, id_high=1500, id_low=-20, max_len=6, seed=5)
+    outs, tables, folded = _train_pair(FEATURES, METHODS, kjt, TableOptimizer(lr=0.3))
+    for got, ref in zip(*outs):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(*tables):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and both are still the plain sum of the probe rows
+        torch.testing.assert_close(folded(kjt).values(), reference_pooled(folded, kjt))
+
+
+def test_folded_features_beside_other_methods_in_general():
+    """MultiHash next to Full, QR (unpooled) and Pruned drops: ``_general`` with a folded slot."""
+    features = [FeatureSpec("a", 50), FeatureSpec("b", 1000), FeatureSpec("c", 300, pooling="mean"), FeatureSpec("d", 900), FeatureSpec("e", 400)]
+    methods = {"a": Full(), "b": MultiHash(rows=40, probes=3, seed=2), "c": MultiHash(rows=16), "d": QR(collisions=7), "e": Pruned(keep=100)}
+    names = [f.name for f in features]
+    for kjt, exact in ((_one_id_kjt(names, 32, seed=6), True), (random_kjt(names, 32, 1200, id_low=-5, max_len=4, seed=7), False)):
+        outs, tables, folded = _train_pair(features, methods, kjt, TableOptimizer(lr=0.2))
+        assert not folded._passthrough_folded
+        if exact:
+            assert torch.equal(outs[0][0], outs[1][0])
+        for got, ref in zip(*outs):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        for got, ref in zip(*tables):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_is_a_view_of_the_batched_probe_rows():
+    """``transform_batch`` returns the probes as columns of one [N, probes] block, so the fold
+    (every probe row of an id side by side) costs no copy."""
+    collection = CompressedEmbeddingBagCollection(FEATURES, DIM, {n: MultiHash(rows=33, probes=3) for n in NAMES})
+    ids = [torch.arange(-5, 40), torch.arange(0), torch.arange(7, 20)]
+    per_feature = collection.transform_ids(ids)
+    flat = joined([interleaved(rows) for rows in per_feature])
+    assert flat.data_ptr() == per_feature[0][0].data_ptr() and flat.numel() == 3 * sum(i.numel() for i in ids)
+    for rows, feature_ids in zip(per_feature, ids):
+        expected = torch.stack(multihash_rows(feature_ids, 33, 3, 0), dim=1).view(-1)
+        assert torch.equal(interleaved(rows), expected)
+    # parts that are not one block are stacked
+    parts = [torch.arange(4), torch.arange(10, 14)]
+    assert torch.equal(interleaved(parts), torch.tensor([0, 10, 1, 11, 2, 12, 3, 13]))

@@ -615,7 +615,7 @@ def test_zero_weight_drops_need_batch_transforms_and_no_weight_decay():
     weighted.batch_transforms = False
     calls = []
     real = weighted._drop_missing
-    weighted._drop_missing = lambda *a: calls.append(1) or real(*a)
+    weighted._drop_missing = lambda *a, **k: calls.append(1) or real(*a, **k)
     names = [f.name for f in DROP_FEATURES]
     kjt = random_kjt(names, 8, 2100, max_len=3, seed=1)
     weighted(kjt)

@@ -74,6 +74,16 @@ def assert_same_rows(coll: CompressedEmbeddingBagCollection, ids: list[torch.Ten
             assert torch.equal(a, b), (name, slot, coll.layouts[name].config)
 
 
+def assert_same_vectors(coll: CompressedEmbeddingBagCollection, reference: torch.Tensor, out: torch.Tensor) -> None:
+    """Bit-identical columns, except for folded features (``FeatureLayout.folds_slots``,
+    MultiHash): the batched path pools all probe rows of a bag at once, so a bag of several ids
+    adds the same rows in another order (allclose; bags of one id stay exact, see
+    tests/compress/test_multihash.py)."""
+    folded = torch.tensor([fold for fold in coll._folds for _ in range(coll.dim)])
+    assert torch.equal(reference[:, ~folded], out[:, ~folded])
+    torch.testing.assert_close(out[:, folded], reference[:, folded], rtol=1e-5, atol=1e-6)
+
+
 def assert_same_outputs(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor, steps: int = 2) -> None:
     """Forward bit-identical, and so are the tables after fused-optimizer training steps: a twin
     (deep copy: same tables and optimizer state) runs the per-feature reference."""
@@ -86,9 +96,15 @@ def assert_same_outputs(coll: CompressedEmbeddingBagCollection, kjt: KeyedJagged
             out = model(kjt).values()
             (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
             outs.append(out.detach())
-        assert torch.equal(outs[0], outs[1])
-        for a, b in zip(reference.table_weights(), coll.table_weights()):
-            assert torch.equal(a, b)
+        assert_same_vectors(coll, outs[0], outs[1])
+        # A folded feature's rows get the same gradient terms, summed in TBE's backward in another
+        # order when a row repeats in one bag: allclose there, bit-identical everywhere else.
+        folded = {t for f, fold in zip(coll.feature_names, coll._folds) if fold for t in coll.feature_tables(f)}
+        for t, (a, b) in enumerate(zip(reference.table_weights(), coll.table_weights())):
+            if t in folded:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
         for a, b in zip(reference.dense_parameters(), coll.dense_parameters()):
             assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad))
             a.grad = b.grad = None
@@ -166,7 +182,7 @@ def test_varying_batch_shapes_reuse_no_stale_per_id_constants():
         coll.batch_transforms = False
         reference = coll(kjt).values()
         coll.batch_transforms = True
-        assert torch.equal(coll(kjt).values(), reference)
+        assert_same_vectors(coll, reference, coll(kjt).values())
 
 
 def test_one_id_per_bag_single_group_matches_and_passes_through():

@@ -1,0 +1,290 @@
+"""The fused assemble: the collection's [B, F*D] output straight from TBE's pooled slots.
+
+Why: when a collection cannot hand TBE's output back as it is (some feature combines several
+slots, has narrow slots, or the slots are not in feature order), ``EmbeddingBagLookup._general``
+calls ``combine`` per feature and concatenates the vectors. Under autograd every step of that
+allocates: each product, sum or projection makes a fresh [B, D] tensor that the concatenation then
+copies, and the backward allocates the gradient of each of them before ``split``'s backward copies
+them all into the gradient TBE needs. On a CPU, where these ops are memory-bound and cheap to
+dispatch, those extra passes and allocations are most of what the collection adds to fbgemm's
+kernels (and the tens of MB allocated and freed per step make glibc hand memory back to the OS and
+fault it in again on the next step).
+
+Here one autograd function does it: the forward writes every feature's vector into the output in
+place (``out=`` ops on column views: a copy, a product, a sum, a matrix product), the backward
+writes every slot's gradient straight into ONE contiguous [bags, W] gradient of TBE's output.
+The layouts say what their combine is (``FeatureLayout.combine_form``); a collection where some
+layout says None keeps the per-feature path, and so does ``batch_transforms = False`` (the
+reference) or ``fused_assemble = False``.
+
+Exactness: identity, products, sums, concatenation and mean pooling are the very float ops the
+per-feature path runs, in the same order, forward and backward, so results are bitwise equal
+(tests/embeddings/test_assemble.py). MixedDim's projections are matrix products written into
+column views, which BLAS may block differently from the per-feature ``addmm``: equal up to
+rounding, tested with a tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .features import Pooling
+from .registry import CombineForm, FeatureLayout
+
+if TYPE_CHECKING:
+    from .collection import EmbeddingBagLookup
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One feature's vector: its slots' columns in TBE's output and where the vector goes."""
+
+    kind: str
+    cols: tuple[tuple[int, int], ...]  # (first column, width) of each of its slots, slot order
+    out: int  # first column of its vector in the output
+    feature: int
+    mean: bool
+    projected: tuple[bool, ...] = ()  # "project": which slots have a weight
+
+
+class AssemblePlan:
+    """The ops of one collection, fixed by its layouts and slot plan (built once, then cached)."""
+
+    def __init__(self, ops: list[_Op], layouts: list[FeatureLayout], dim: int, width: int) -> None:
+        self.ops = ops
+        self.layouts = layouts
+        self.dim = dim
+        self.width = width  # columns of TBE's output
+        self.all_pooled = all(l.pooled_in_tbe for l in layouts)
+        self.any_mean = any(op.mean for op in ops)
+        self.saves_input = any(op.kind in ("mult", "project") for op in ops)
+        # The backward writes TBE's gradient into TBE's own output (see ``_Assemble.backward``);
+        # False allocates a fresh one (the "before" of that change in benchmarks/NOTES.md).
+        self.reuse_output = True
+        # The projected slots of every "project" op: (op index, slot index, index into
+        # ``weights()``). One product per slot, written into its column view of the output: a
+        # batched product per slot width (torch.bmm over stacked slots) measured ~10% slower per
+        # MixedDim step (the stacking copies cost more than the BLAS calls it saves at K = 4).
+        self.projections: list[tuple[int, int, int]] = []
+        for i, op in enumerate(ops):
+            for j, has_weight in enumerate(op.projected):
+                if has_weight:
+                    self.projections.append((i, j, len(self.projections)))
+
+    def weights(self) -> list[torch.Tensor]:
+        """The current projection weights, in op order (read each forward: ``load_state_dict`` and
+        ``.to`` may have replaced their data)."""
+        out: list[torch.Tensor] = []
+        for op in self.ops:
+            if op.kind == "project":
+                form = self.layouts[op.feature].combine_form()
+                assert form is not None
+                out.extend(w for w in form.weights if w is not None)
+        return out
+
+    def __call__(self, pooled: torch.Tensor, batch: int, lengths: torch.Tensor) -> torch.Tensor:
+        """[batch, F*D] from TBE's output ``pooled`` [bags >= batch, width]. The caller checks that
+        every unpooled feature has bags of exactly one id (its per-id rows are then its bags)."""
+        divisors = None
+        if self.any_mean:
+            divisors = lengths.clamp(min=1).to(pooled.dtype)
+        return _Assemble.apply(self, pooled, batch, divisors, *self.weights())
+
+
+def plan_for(lookup: "EmbeddingBagLookup") -> AssemblePlan | None:
+    """The collection's plan, built on first use and kept (it depends only on the layouts and the
+    slot plan, which never change); None when some layout's combine has no ``CombineForm``."""
+    cached = lookup.__dict__.get("_assemble_plan", False)
+    if cached is not False:
+        return cached
+    plan = _build(lookup)
+    lookup.__dict__["_assemble_plan"] = plan  # a cache, not module state
+    return plan
+
+
+def _build(lookup: "EmbeddingBagLookup") -> AssemblePlan | None:
+    layouts = list(lookup.layouts.values())
+    dims = [lookup._tables[lookup._slot_table[s]].dim for s in lookup._tbe_order]
+    start: dict[int, tuple[int, int]] = {}
+    column = 0
+    for s, d in zip(lookup._tbe_order, dims):
+        start[s] = (column, d)
+        column += d
+    ops: list[_Op] = []
+    for f, (layout, slots, feature) in enumerate(zip(layouts, lookup._feature_slots, lookup.features)):
+        mean = feature.pooling is Pooling.MEAN
+        if lookup._folds[f]:  # batched: one TBE slot whose bags pooled every probe (folds_slots)
+            if start[slots[0]][1] != lookup.dim:
+                return None
+            ops.append(_Op("identity", (start[slots[0]],), f * lookup.dim, f, mean))
+            continue
+        form = layout.combine_form()
+        if form is None:
+            return None
+        cols = tuple(start[s] for s in slots)
+        if not _fits(form, cols, lookup.dim):
+            return None
+        projected = tuple(w is not None for w in form.weights) if form.kind == "project" else ()
+        ops.append(_Op(form.kind, cols, f * lookup.dim, f, mean, projected))
+    return AssemblePlan(ops, layouts, lookup.dim, column)
+
+
+def _fits(form: CombineForm, cols: tuple[tuple[int, int], ...], dim: int) -> bool:
+    """Whether the slot widths are the ones the form's maths needs (else the per-feature path)."""
+    widths = [w for _, w in cols]
+    if form.kind == "identity":
+        return widths == [dim]
+    if form.kind in ("mult", "add"):
+        return bool(widths) and all(w == dim for w in widths)
+    if form.kind == "concat":
+        return sum(widths) == dim
+    return len(form.weights) == len(widths) and all(
+        (w is None and width == dim) or (w is not None and tuple(w.shape) == (width, dim))
+        for w, width in zip(form.weights, widths)
+    )
+
+
+def _slices(x: torch.Tensor, op: _Op) -> list[torch.Tensor]:
+    return [x[:, a : a + w] for a, w in op.cols]
+
+
+class _Assemble(torch.autograd.Function):
+    """Forward: every feature's vector written into one [batch, F*D] output. Backward: every slot's
+    gradient written into one contiguous [bags, width] gradient of TBE's output (what fbgemm's
+    backward needs anyway), and each projection's gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        plan: AssemblePlan,
+        pooled: torch.Tensor,
+        batch: int,
+        divisors: torch.Tensor | None,
+        *weights: torch.Tensor,
+    ) -> torch.Tensor:
+        x = pooled if pooled.shape[0] == batch else pooled[:batch]
+        out = pooled.new_empty(batch, len(plan.ops) * plan.dim)
+        written = [False] * len(plan.ops)  # "project": whether its vector holds a first term yet
+        for i, op in enumerate(plan.ops):
+            dst = out[:, op.out : op.out + plan.dim]
+            parts = _slices(x, op)
+            if op.kind == "identity":
+                dst.copy_(parts[0])
+            elif op.kind in ("mult", "add"):
+                combine = torch.mul if op.kind == "mult" else torch.add
+                if len(parts) == 1:
+                    dst.copy_(parts[0])
+                else:
+                    combine(parts[0], parts[1], out=dst)
+                    for part in parts[2:]:
+                        combine(dst, part, out=dst)
+            elif op.kind == "concat":
+                column = 0
+                for part in parts:
+                    dst[:, column : column + part.shape[1]].copy_(part)
+                    column += part.shape[1]
+            else:  # project: D-wide slots first, as MixedDimLayout.combine; products below
+                for part, has_weight in zip(parts, op.projected):
+                    if not has_weight:
+                        dst.add_(part) if written[i] else dst.copy_(part)
+                        written[i] = True
+                continue
+            if op.mean:
+                assert divisors is not None
+                dst.div_(divisors[op.feature].unsqueeze(1))
+        for i, j, w in plan.projections:
+            op = plan.ops[i]
+            dst = out[:, op.out : op.out + plan.dim]
+            part = _slices(x, op)[j]
+            dst.addmm_(part, weights[w]) if written[i] else torch.mm(part, weights[w], out=dst)
+            written[i] = True
+        for op in plan.ops:
+            if op.kind == "project" and op.mean:
+                assert divisors is not None
+                out[:, op.out : op.out + plan.dim].div_(divisors[op.feature].unsqueeze(1))
+        ctx.plan = plan
+        ctx.batch = batch
+        ctx.bags = pooled.shape[0]
+        ctx.divisors = divisors
+        ctx.save_for_backward(pooled if plan.saves_input else None, *weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan: AssemblePlan = ctx.plan
+        pooled, *weights = ctx.saved_tensors
+        batch, bags = ctx.batch, ctx.bags
+        # TBE's output is dead once its own slots have been read here (fbgemm's backward does not
+        # need it), so its memory becomes the gradient: one [bags, W] buffer less per step. On a CPU
+        # that keeps QR's step under glibc's trim threshold (measured: ~1300-2300 page faults per
+        # step otherwise, from memory handed back to the OS and faulted in again). A second
+        # backward through the same graph (retain_graph) is then refused by autograd's version
+        # check on the saved output, never computed from overwritten rows.
+        reuse = plan.reuse_output and pooled is not None and pooled.is_contiguous()
+        grad_pooled = pooled if reuse else grad.new_empty(bags, plan.width)
+        if bags > batch:
+            grad_pooled[batch:].zero_()
+        gx = grad_pooled[:batch]
+        x = None if pooled is None else (pooled if bags == batch else pooled[:batch])
+        projected_grads: dict[int, torch.Tensor] = {}
+        for i, op in enumerate(plan.ops):
+            g = grad[:, op.out : op.out + plan.dim]
+            if op.mean:  # the autograd of ``pooled / divisor``
+                g = g / ctx.divisors[op.feature].unsqueeze(1)
+            targets = _slices(gx, op)
+            if op.kind == "identity":
+                targets[0].copy_(g)
+            elif op.kind == "add":
+                for target in targets:
+                    target.copy_(g)
+            elif op.kind == "concat":
+                column = 0
+                for target in targets:
+                    target.copy_(g[:, column : column + target.shape[1]])
+                    column += target.shape[1]
+            elif op.kind == "mult":  # the targets may be the parts themselves (reuse)
+                parts = _slices(x, op)
+                if len(parts) == 2:  # QR: p1's gradient overwrites p1 once p0's is computed
+                    left = g * parts[1]
+                    torch.mul(g, parts[0], out=targets[1])
+                    targets[0].copy_(left)
+                else:
+                    for target, part in zip(targets, _mult_backward(g, parts)):
+                        target.copy_(part)
+            else:
+                for target, has_weight in zip(targets, op.projected):
+                    if not has_weight:
+                        target.copy_(g)
+                # Both products read g: materialise it once if BLAS cannot read it as it is (the
+                # expanded gradient of a plain ``sum``), instead of once inside each product.
+                projected_grads[i] = g if g.stride(1) == 1 and g.stride(0) >= g.shape[1] else g.contiguous()
+        wanted = ctx.needs_input_grad[4:]
+        grad_weights: list[torch.Tensor | None] = [None] * len(wanted)
+        for i, j, w in plan.projections:  # the weight's gradient first: it reads the slot
+            op = plan.ops[i]
+            g = projected_grads[i]
+            grad_weights[w] = torch.mm(_slices(x, op)[j].t(), g) if wanted[w] else None
+            torch.mm(g, weights[w].t(), out=_slices(gx, op)[j])
+        return (None, grad_pooled, None, None, *grad_weights)
+
+
+def _mult_backward(g: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of ``((p0 * p1) * p2) * ...`` as autograd computes them: going back through
+    product j, its left factor (the product of the slots before j, recomputed exactly) gets
+    ``g_j * p_j`` and slot j gets ``g_j * left``. New tensors, so the caller may overwrite the
+    parts with them."""
+    if len(parts) == 1:
+        return [g]
+    prefixes = [parts[0]]
+    for part in parts[1:-1]:
+        prefixes.append(prefixes[-1] * part)
+    grads: list[torch.Tensor] = [g] * len(parts)
+    running = g
+    for j in range(len(parts) - 1, 0, -1):
+        grads[j] = running * prefixes[j - 1]
+        running = running * parts[j]
+    grads[0] = running
+    return grads

@@ -1,0 +1,156 @@
+"""The fused inference lookup of QR/KWay (+ Full) collections (compress/fused_lookup.py) against
+the TBE path: bit for bit for bags of one id, allclose for longer bags.
+
+CI has no GPU and no Triton: the kernel tests skip there. With Triton installed they run the
+kernel in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before the kernel is built)
+under ``fused_lookup.mode("on")``; on a GPU ``benchmarks/gpu_fused_lookup.py`` and
+``benchmarks/gpu_collection.py`` repeat the checks at full size. The switches and the fallback
+to the TBE path are tested everywhere.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tablezip.compress import KWay, QR, Full, Hash, fused_lookup
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+from tests.conftest import random_kjt
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CI: the TBE path only)")
+
+DIM = 24  # not a power of two: the kernel masks the columns past D
+FEATURES = [
+    FeatureSpec("full", 50), FeatureSpec("qr", 1000), FeatureSpec("kway3", 300, pooling="mean"),
+    FeatureSpec("add", 900), FeatureSpec("concat", 700), FeatureSpec("qr_mean", 2000, pooling="mean"),
+    FeatureSpec("kway4", 5000),
+]  # fmt: skip
+METHODS = {
+    "full": Full(), "qr": QR(collisions=7), "kway3": KWay(partitions=(3, 11, 10)), "add": QR(collisions=5, op="add"),
+    "concat": KWay(partitions=(30, 30), op="concat"), "qr_mean": QR(collisions=40), "kway4": KWay(partitions=(2, 9, 17, 20)),
+}  # fmt: skip
+NAMES = [f.name for f in FEATURES]
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernel under Triton's interpreter, built fresh for the test and dropped after it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused_lookup._kernel.cache_clear()
+    with fused_lookup.mode("on"):
+        yield
+    fused_lookup._kernel.cache_clear()
+
+
+def one_id_kjt(names: list[str], batch: int, seed: int) -> KeyedJaggedTensor:
+    """One id per bag, with negative and past-the-end ids (the OOV row) among them."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-40, 6000, (len(names) * batch,), generator=g)
+    values[:3] = torch.tensor([-(2**63), 2**63 - 1, 4999])
+    return KeyedJaggedTensor(keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.long))
+
+
+def both(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TBE path, fused path) outputs under ``no_grad``."""
+    with torch.no_grad():
+        with fused_lookup.mode("off"):
+            reference = coll(kjt).values()
+        return reference, coll(kjt).values()
+
+
+def spy(monkeypatch) -> list[int]:
+    """Count the calls of ``pooled_lookup`` (the kernel's launcher)."""
+    calls: list[int] = []
+    real = fused_lookup.pooled_lookup
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_lookup, "pooled_lookup", counting)
+    return calls
+
+
+# -- without Triton too ------------------------------------------------------------------
+def test_switches_keep_the_tbe_path_on_cpu_in_training_and_when_off(monkeypatch):
+    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS)
+    calls = spy(monkeypatch)
+    kjt = one_id_kjt(NAMES, 8, 0)
+    assert fused_lookup.current_mode() == "auto"
+    with torch.no_grad():
+        coll(kjt)  # auto: CPU ids stay on the TBE path
+    with fused_lookup.mode("on"):
+        coll(kjt).values().sum().backward()  # training: TBE path (its fused backward)
+    with fused_lookup.mode("off"), torch.no_grad():
+        coll(kjt)
+    assert calls == []
+    with pytest.raises(ValueError, match="mode must be"):
+        with fused_lookup.mode("gpu"):
+            pass
+
+
+def test_strides_are_the_mixed_radix_divisors():
+    f = fused_lookup.FeatureLookup(0, 100, "mult", (2, 9, 17, 20), (0, 0, 0, 0), 8, False)
+    assert f.strides() == [9 * 17 * 20, 17 * 20, 20, 1]
+
+
+# -- the kernel (Triton's interpreter on a CPU) -----------------------------------------
+@needs_triton
+def test_one_id_bags_are_bit_identical_for_every_op(interpreted, monkeypatch):
+    """mult (2, 3 and 4 partitions), add, concat and Full, sum and mean, ids out of range."""
+    calls = spy(monkeypatch)
+    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=1)
+    for seed, batch in ((0, 1), (1, 37), (2, 70)):  # 70 bags: three programs per feature
+        reference, fused = both(coll, one_id_kjt(NAMES, batch, seed))
+        assert torch.equal(reference, fused)
+    assert len(calls) == 3
+
+
+@needs_triton
+def test_longer_and_empty_bags_are_allclose(interpreted):
+    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=2)
+    kjt = random_kjt(NAMES, 45, 6000, max_len=6, seed=3, id_low=-10)
+    reference, fused = both(coll, kjt)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
+    empty = kjt.lengths().view(len(NAMES), 45) == 0
+    assert empty.any()
+    for f in range(len(NAMES)):
+        assert torch.all(fused[empty[f], f * DIM : (f + 1) * DIM] == 0)
+
+
+@needs_triton
+def test_inference_mode_and_trained_tables_are_read_live(interpreted):
+    """The kernel reads the TBE's storage in place: after training steps (TBE path) and after
+    ``load_state_dict`` its output follows the new weights."""
+    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, optimizer=TableOptimizer(lr=0.5), seed=3)
+    twin = copy.deepcopy(coll)
+    kjt = one_id_kjt(NAMES, 20, 4)
+    for _ in range(2):
+        coll(random_kjt(NAMES, 16, 6000, seed=5)).values().pow(2).sum().backward()
+    reference = both(coll, kjt)[0]
+    with torch.inference_mode():  # (fbgemm's CPU TBE itself cannot run under inference_mode)
+        assert torch.equal(coll(kjt).values(), reference)
+    twin.load_state_dict(coll.state_dict())
+    assert torch.equal(both(twin, kjt)[1], reference)
+
+
+@needs_triton
+def test_collections_the_kernel_does_not_cover_take_the_tbe_path(interpreted, monkeypatch):
+    calls = spy(monkeypatch)
+    kjt = one_id_kjt(NAMES[:2], 8, 6)
+    for methods in ({"full": Full(), "qr": Hash(rows=40)}, {"full": Full(), "qr": Full()}):
+        coll = CompressedEmbeddingBagCollection(FEATURES[:2], DIM, methods)
+        reference, out = both(coll, kjt)
+        assert torch.equal(reference, out)
+    quantized = CompressedEmbeddingBagCollection(FEATURES[:2], DIM, {"qr": QR(collisions=7)}).export(
+        _tmp := __import__("tempfile").mkdtemp(), dtype="int8"
+    )
+    from tablezip.embeddings.quantized import QuantizedEmbeddingBagCollection
+
+    with torch.no_grad():
+        QuantizedEmbeddingBagCollection.load(quantized)(kjt)
+    assert calls == []

@@ -1,0 +1,329 @@
+"""The CPU step's fast paths (issue 3) against the reference paths they replace.
+
+* The fused assemble (embeddings/assemble.py) against ``combine`` per feature
+  (``fused_assemble = False``): forward, gradients, tables and optimizer state after training
+  steps. Bitwise for identity, products, sums and concatenation (the same float ops in the same
+  order); MixedDim's projections with a tolerance (matrix products into column views).
+* Bags of one id (no cumsums for drops and offsets) and TBE's output returned as it is (a
+  collection that only its drops kept off the fast path) against the per-feature reference
+  (``batch_transforms = False``), exactly.
+* The offsets check that replaces fbgemm's ``bounds_check_indices`` pass on a CPU, and the fbgemm
+  behaviour that makes skipping that pass safe: its CPU forward kernel rejects out-of-range rows.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
+from tablezip.embeddings import assemble
+from tablezip.embeddings.assemble import plan_for
+from tests.conftest import random_kjt
+from tests.embeddings.test_conformance import FEATURES, KINDS, NAMES, build
+
+_rng = np.random.default_rng(3)
+MIXED_FEATURES = [
+    FeatureSpec("full", 40),
+    FeatureSpec("qr", 900, counts=_rng.zipf(1.3, 900)),
+    FeatureSpec("kway3", 300, pooling="mean"),
+    FeatureSpec("add", 700),
+    FeatureSpec("concat", 500),
+    FeatureSpec("md", 2000, counts=np.sort(_rng.zipf(1.2, 2000))[::-1].copy()),
+    FeatureSpec("md_keep", 1500, pooling="mean", counts=_rng.zipf(1.2, 1500)),
+    FeatureSpec("pruned", 800),
+    FeatureSpec("hash", 5000),
+]
+DIM = 8
+MIXED_METHODS = {
+    "full": Full(),
+    "qr": QR(collisions=7),
+    "kway3": KWay(partitions=(3, 11, 10)),
+    "add": QR(collisions=5, op="add"),
+    "concat": KWay(partitions=(30, 30), op="concat"),
+    "md": MixedDim(dims=(8, 4, 4), sizes=(100, 400, 1500)),  # a D-wide block and two projected ones
+    "md_keep": MixedDim(dims=(4,), keep=1000),
+    "pruned": Pruned(keep=200, missing="zero", remap=False),
+    "hash": Hash(rows=300),
+}
+MIXED_NAMES = [f.name for f in MIXED_FEATURES]
+
+
+def single_id_kjt(names: list[str], batch: int, high: int, seed: int) -> KeyedJaggedTensor:
+    """One id per bag (Criteo's shape), some of them past every id space or negative."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-5, high + 50, (len(names) * batch,), generator=g)
+    return KeyedJaggedTensor(keys=names, values=values, lengths=torch.ones(len(names) * batch, dtype=torch.int64))
+
+
+def twins(coll: CompressedEmbeddingBagCollection) -> tuple[CompressedEmbeddingBagCollection, CompressedEmbeddingBagCollection]:
+    reference = copy.deepcopy(coll)
+    reference.fused_assemble = False
+    return coll, reference
+
+
+@pytest.fixture
+def assembles(monkeypatch) -> list[int]:
+    """Counts the fused assembles that run, so a test knows which path it compared."""
+    calls: list[int] = []
+    real = assemble.AssemblePlan.__call__
+
+    def counting(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(assemble.AssemblePlan, "__call__", counting)
+    return calls
+
+
+def train(coll: CompressedEmbeddingBagCollection, kjts: list[KeyedJaggedTensor]) -> list[torch.Tensor]:
+    """Fused-optimizer steps: a weighted loss (a dense gradient) and a plain sum (the expanded
+    gradient the benchmarks produce); returns the outputs and each dense parameter's gradient."""
+    seen = []
+    for step, kjt in enumerate(kjts):
+        for p in coll.dense_parameters():
+            p.grad = None
+        out = coll(kjt).values()
+        g = torch.Generator().manual_seed(step)
+        loss = (out * torch.randn(out.shape, generator=g)).sum() if step % 2 == 0 else out.sum()
+        loss.backward()
+        seen.append(out.detach().clone())
+        seen.extend(p.grad.clone() for p in coll.dense_parameters() if p.grad is not None)
+    return seen
+
+
+def state(coll: CompressedEmbeddingBagCollection) -> list[torch.Tensor]:
+    states = [t for per_table in coll.tbe.split_optimizer_states() for t in per_table]
+    return [w.detach().clone() for w in coll.table_weights()] + [s.clone() for s in states]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], exact: bool) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if exact:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def uses_projection(coll: CompressedEmbeddingBagCollection) -> bool:
+    return any(isinstance(l.config, MixedDim) for l in coll.layouts.values())
+
+
+# -- fused assemble ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_fused_assemble_equals_per_feature_combine(kind, bags, assembles):
+    fused, reference = twins(build(kind))
+    kjts = [
+        single_id_kjt(NAMES, 16, 3000, seed) if bags == "single" else random_kjt(NAMES, 16, 3000, max_len=3, seed=seed)
+        for seed in range(3)
+    ]
+    exact = not uses_projection(fused)
+    assert_same(train(fused, kjts), train(reference, kjts), exact)
+    assert_same(state(fused), state(reference), exact)
+    with torch.no_grad():
+        assert_same([fused(kjts[0]).values()], [reference(kjts[0]).values()], exact)
+    if kind in ("qr", "kway", "mixed_dim") and bags == "single":
+        assert assembles, "the fused assemble should have run"
+
+
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_fused_assemble_on_every_combine_at_once(bags, assembles):
+    """Products of 2 and 3 slots, sums, concatenation, projections with a D-wide block, drops
+    (MixedDim keep, Pruned zero) and MEAN pooling in one collection."""
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=4)
+    fused, reference = twins(coll)
+    kjts = [
+        single_id_kjt(MIXED_NAMES, 32, 5000, seed)
+        if bags == "single"
+        else random_kjt(MIXED_NAMES, 32, 5000, max_len=3, seed=seed)
+        for seed in range(4)
+    ]
+    assert_same(train(fused, kjts), train(reference, kjts), exact=False)
+    assert_same(state(fused), state(reference), exact=False)
+    assert bool(assembles) == (bags == "single")  # QR's products need bags of one id to fuse
+    plan = plan_for(fused)
+    assert plan is not None and {op.kind for op in plan.ops} == {"identity", "mult", "add", "concat", "project"}
+
+
+def test_fused_assemble_is_bitwise_without_projections(assembles):
+    methods = {n: m for n, m in MIXED_METHODS.items() if not isinstance(m, MixedDim)}
+    features = [f for f in MIXED_FEATURES if f.name in methods]
+    names = [f.name for f in features]
+    fused, reference = twins(CompressedEmbeddingBagCollection(features, DIM, methods, seed=5))
+    kjts = [single_id_kjt(names, 64, 5000, seed) for seed in range(3)]
+    assert_same(train(fused, kjts), train(reference, kjts), exact=True)
+    assert_same(state(fused), state(reference), exact=True)
+    assert len(assembles) == 3
+
+
+def test_backward_reaches_every_projection_and_table(assembles):
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=6)
+    coll(single_id_kjt(MIXED_NAMES, 64, 5000, 0)).values().sum().backward()
+    assert assembles
+    for name, p in coll.layouts.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_collections_without_a_combine_form_keep_the_per_feature_path(assembles):
+    features = [FeatureSpec("a", 100), FeatureSpec("b", 100)]
+    coll = CompressedEmbeddingBagCollection(features, DIM, {"a": LearnedThreshold(), "b": QR(collisions=3)})
+    assert plan_for(coll) is None
+    coll(single_id_kjt(["a", "b"], 8, 100, 0)).values().sum().backward()
+    assert not assembles
+
+
+def test_padded_bags_get_no_gradient():
+    """TBE pads every slot to the longest one's bag count; the rows past the batch must get a zero
+    gradient (the collection only fuses batches without padding, so call the plan directly)."""
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=7)
+    plan = plan_for(coll)
+    assert plan is not None
+    batch = 5
+    lengths = torch.randint(1, 3, (len(MIXED_FEATURES), batch))
+    pooled = torch.randn(batch + 3, plan.width, requires_grad=True)
+    out = plan(pooled, batch, lengths)
+    reference = plan(pooled[:batch].detach().clone().requires_grad_(), batch, lengths)
+    torch.testing.assert_close(out, reference)
+    weights = torch.randn(out.shape)
+    (out * weights).sum().backward()
+    assert pooled.grad is not None and torch.equal(pooled.grad[batch:], torch.zeros(3, plan.width))
+
+
+def test_a_second_backward_is_refused_not_wrong():
+    """The backward reuses TBE's output as the gradient (products): running it twice would read
+    overwritten rows, so autograd's version check on the saved output refuses it; the per-feature
+    path (``fused_assemble = False``) still allows it."""
+    features = [FeatureSpec("qr", 500), FeatureSpec("full", 20)]
+    methods = {"qr": QR(collisions=4), "full": Full()}
+    kjt = single_id_kjt(["qr", "full"], 16, 500, 0)
+    coll = CompressedEmbeddingBagCollection(features, DIM, methods)
+    out = coll(kjt).values().sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    coll.fused_assemble = False
+    out = coll(kjt).values().sum()
+    out.backward(retain_graph=True)
+    out.backward()
+
+
+def test_no_grad_uses_the_fused_assemble(assembles):
+    fused, reference = twins(CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=8))
+    kjt = single_id_kjt(MIXED_NAMES, 16, 5000, 1)
+    with torch.no_grad():  # (fbgemm's CPU training TBE has no inference_mode kernel)
+        a, b = fused(kjt).values(), reference(kjt).values()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert assembles
+
+
+def test_export_load_keeps_the_fused_path(tmp_path, assembles):
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=9)
+    kjt = single_id_kjt(MIXED_NAMES, 16, 5000, 2)
+    train(coll, [kjt])
+    loaded = CompressedEmbeddingBagCollection.load(coll.export(tmp_path / "a"))
+    with torch.no_grad():
+        assert torch.equal(coll(kjt).values(), loaded(kjt).values())
+    assert len(assembles) == 3
+
+
+# -- bags of one id, drops, TBE's output as it is -----------------------------------------------
+DROP_FEATURES = [FeatureSpec("full", 30), FeatureSpec("p1", 400), FeatureSpec("p2", 900, pooling="mean"), FeatureSpec("h", 700)]
+DROP_METHODS = {
+    "full": Full(),
+    "p1": Pruned(keep=100, remap=False),
+    "p2": Pruned(keep=300),  # a remap: its own transform group
+    "h": Hybrid(hot=50, cold_rows=60),
+}
+
+
+@pytest.mark.parametrize("bags", ["single", "random"])
+@pytest.mark.parametrize("by_weight", [False, True])
+def test_drops_with_bags_of_one_id_equal_the_reference(bags, by_weight):
+    coll = CompressedEmbeddingBagCollection(DROP_FEATURES, DIM, DROP_METHODS, seed=2)
+    names = [f.name for f in DROP_FEATURES]
+    fast = copy.deepcopy(coll)
+    fast.drop_by_weight = by_weight
+    coll.batch_transforms = False  # the per-feature reference: compaction, combine, concatenation
+    kjts = [
+        single_id_kjt(names, 32, 1000, seed) if bags == "single" else random_kjt(names, 32, 1000, max_len=3, seed=seed)
+        for seed in range(3)
+    ]
+    assert_same(train(fast, kjts), train(coll, kjts), exact=True)
+    assert_same(state(fast), state(coll), exact=True)
+
+
+def test_unit_offsets_are_the_cumsum_offsets():
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES[:5], DIM, {f.name: MIXED_METHODS[f.name] for f in MIXED_FEATURES[:5]})
+    offsets = coll._unit_offsets(12, torch.device("cpu"))
+    assert torch.equal(offsets, torch.arange(13))
+    assert coll._unit_offsets(12, torch.device("cpu")) is offsets  # kept
+    assert coll._unit_offsets(7, torch.device("cpu")).numel() == 8
+    assert "_unit_offsets_cache" not in coll.state_dict()
+
+
+# -- offsets check instead of fbgemm's bounds pass -----------------------------------------------
+def test_cpu_collections_skip_fbgemm_bounds_pass():
+    coll = CompressedEmbeddingBagCollection(FEATURES, 8, {f.name: Hash(rows=50) for f in FEATURES})
+    assert coll._checks_offsets
+    assert coll.tbe.bounds_check_mode_int == BoundsCheckMode.NONE.value
+
+
+@pytest.mark.parametrize("methods", ["passthrough", "general"])
+def test_malformed_bags_are_rejected(methods):
+    config = {"a": Hash(rows=50), "b": Full()} if methods == "passthrough" else {"a": QR(collisions=3), "b": Full()}
+    coll = CompressedEmbeddingBagCollection([FeatureSpec("a", 100), FeatureSpec("b", 100)], 8, config)
+    values = torch.arange(8)
+    negative = KeyedJaggedTensor(keys=["a", "b"], values=values, lengths=torch.tensor([3, -1, 2, 4, 1, -1]))
+    with pytest.raises((ValueError, RuntimeError)):
+        coll(negative)
+    # Offsets that disagree with the lengths (both given): a bag reading backwards. The fast path
+    # hands the KJT's offsets to TBE, so they are checked; the general path builds its own from
+    # the lengths, which are consistent here.
+    bad = KeyedJaggedTensor(
+        keys=["a", "b"], values=values, lengths=torch.tensor([2, 2, 0, 2, 1, 1]), offsets=torch.tensor([0, 2, 4, 3, 6, 7, 8])
+    )
+    if methods == "passthrough":
+        with pytest.raises(ValueError, match="must not decrease"):
+            coll(bad)
+    else:
+        good = KeyedJaggedTensor(keys=["a", "b"], values=values, lengths=torch.tensor([2, 2, 0, 2, 1, 1]))
+        assert torch.equal(coll(bad).values(), coll(good).values())
+
+
+@pytest.mark.parametrize("method", ["pruned", "hybrid"])
+def test_fbgemm_cpu_kernel_rejects_rows_outside_their_table(method):
+    """What makes skipping fbgemm's bounds pass safe on a CPU: its forward kernel checks every row
+    itself, before anything is written (pinned here, so an fbgemm upgrade that drops the check
+    fails this test). A corrupted remap is the one way a transform can yield such a row."""
+    config = Pruned(keep=10) if method == "pruned" else Hybrid(hot=10, cold_rows=5, remap=True)
+    coll = CompressedEmbeddingBagCollection([FeatureSpec("f", 100)], 8, {"f": config})
+    assert coll.tbe.bounds_check_mode_int == BoundsCheckMode.NONE.value
+    with torch.no_grad():
+        coll.layouts["f"].remap[3] = 10_000  # far past the table
+    kjt = KeyedJaggedTensor(keys=["f"], values=torch.tensor([1, 3, 2]), lengths=torch.tensor([1, 1, 1]))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        coll(kjt)
+
+
+@pytest.mark.parametrize("kind", ["hash", "hybrid", "pruned", "qr", "mixed_dim"])
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_own_offsets_check_changes_nothing(kind, bags):
+    """Against fbgemm's FATAL bounds pass on the KJT's offsets (the collection before issue 3):
+    same outputs, tables and optimizer state, with bags of one id (the cached offsets 0..n) or not."""
+    ours = build(kind)
+    theirs = copy.deepcopy(ours)
+    theirs._checks_offsets = False
+    theirs.tbe.bounds_check_mode_int = BoundsCheckMode.FATAL.value
+    kjts = [
+        single_id_kjt(NAMES, 16, 3000, seed) if bags == "single" else random_kjt(NAMES, 16, 3000, max_len=3, seed=seed)
+        for seed in range(3)
+    ]
+    assert_same(train(ours, kjts), train(theirs, kjts), exact=True)
+    assert_same(state(ours), state(theirs), exact=True)
