@@ -1,5 +1,5 @@
-"""Fused GPU inference lookup: compositional embeddings (QR / KWay) read, combined and pooled
-by one Triton kernel, straight from the TBE's weight storage.
+"""Fused GPU inference lookup: compositional embeddings (QR / KWay), MultiHash and MixedDim read,
+combined and pooled by Triton kernels, straight from the TBE's weight storage.
 
 Why: ``op="mult"`` is not linear, so the TBE path looks every id up unpooled (one "bag" per id
 and partition table: k rows of D floats written out per id), multiplies the k parts with torch
@@ -12,9 +12,24 @@ slice of the output once. Full features beside them are the one-partition case (
 is the quotient digit), so a typical Full + QR collection is one launch per (partitions, op,
 table width).
 
+MultiHash is the same kernel with ``op="multihash"``: the "partitions" are the k probes, all
+reading the feature's one shared table, each row the splitmix64 hash of the id with the probe's
+mixed seed (``fused_ids``' HASH maths, no OOV map), summed in probe order. Why: the TBE path
+hashes in separate launches, stacks the probes and has TBE pool bags of k rows (1.24-1.28x
+Full's forward on the H100); here the hash costs nothing beside the row reads.
+
+MixedDim has its own kernel (``MixedLookup``): per id the OOV map, the remap gather where there
+is one (int32, counted from one base pointer), the block whose ranks hold it, its ``d_i``-wide
+row and, for blocks narrower than D, ``row @ P_i^T`` summed one input column at a time (the
+projection is read in place: it is counted from the weights pointer, so trained or loaded
+projections are used as they are), accumulated over the bag. Ranks past every block (``keep``)
+read nothing: a zero vector, as the TBE path's dropped ids. Why: the TBE path pays per-block
+slots, drop handling and a projection pass over the pooled output (2.77x Full's forward).
+
 When: inference only (``torch.is_grad_enabled()`` False: ``no_grad`` or ``inference_mode``),
 ids on CUDA and Triton importable (``mode("auto")``), every feature Full or QR/KWay, and the
-tables in fp32 storage of one fbgemm training TBE. Training keeps the TBE path: its
+tables in fp32 storage of one fbgemm training TBE (MixedDim: projections fp32 and contiguous,
+remaps int32, on the same device; a moved projection or remap rebuilds the plan). Training keeps the TBE path: its
 fused-optimizer backward needs TBE's autograd. ``mode("off")`` forces the TBE path (A/B
 benchmarks, the reference); ``mode("on")`` also runs on CPU tensors, through Triton's
 interpreter (``TRITON_INTERPRET=1`` before the first kernel is built), which is how the CPU tests
@@ -23,7 +38,12 @@ check it. Importing this module never imports Triton.
 Exactness against the TBE path: for bags of one id the products are formed in the same order
 (``combine`` multiplies left to right) and the bag sum is 0 + product, so the output is
 bit-identical (``mult``; ``add`` is 0 + (r0 + r1 + ...), also the same additions; ``concat``
-copies). A possible fused multiply-add of the bag sum with the last factor rounds once, which
+copies; ``multihash`` is 0 + (r0 + r1 + ...) where TBE's folded bag adds ((0 + r0) + r1) + ...,
+the same sums since 0 + r0 is r0). MixedDim ids of D-wide blocks (and Full) are bit-identical too
+(the row plus exact zeros); projected blocks are allclose (rtol 1e-5, atol 1e-6 in the tests):
+the kernel projects each id and sums column by column, the TBE path pools per block first and
+multiplies with the BLAS's own summation order (on the H100, cuBLAS happened to agree bit for
+bit on the benchmark's tables). A possible fused multiply-add of the bag sum with the last factor rounds once, which
 with a zero accumulator is the product's own rounding. For longer bags the TBE path pools in
 another order (per table then combined, or ``index_add_`` of per-id products with atomics on
 CUDA), so the results are allclose, not bit-equal. Mean pooling divides with IEEE rounding
@@ -40,7 +60,9 @@ from typing import Any, Iterator, Sequence
 import torch
 
 MODES = ("auto", "on", "off")
-OPS = {"mult": 0, "add": 1, "concat": 2}
+OPS = {"mult": 0, "add": 1, "concat": 2, "multihash": 3}
+# splitmix64's multipliers (compress/hashing.MIX), as the unsigned constants the kernel multiplies by
+_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 BLOCK_BAGS = 32  # bags per program; each program covers every column of one feature's bags
 NUM_WARPS = 4
 _mode = "auto"
@@ -100,14 +122,37 @@ class FeatureLookup:
     table_offsets: tuple[int, ...]
     width: int
     mean: bool
+    seeds: tuple[int, ...] = ()  # multihash: each probe's mixed seed (hashing.seed_mix)
 
     def strides(self) -> list[int]:
         """Divisor of each digit: digit j is ``(id // stride_j) % partitions[j]`` (no modulo for
         the first, the quotient), as ``mixed_radix_digits`` computes it."""
+        if self.op == "multihash":
+            return list(self.seeds)  # the params column that holds strides holds the seeds here
         strides = [1] * len(self.partitions)
         for j in range(len(self.partitions) - 2, -1, -1):
             strides[j] = strides[j + 1] * self.partitions[j + 1]
         return strides
+
+
+@dataclass(frozen=True)
+class MixedLookup:
+    """What the mixed-dimension kernel needs of one MixedDim feature: per frequency block its
+    first rank (``starts``), its table's rows (the OOV row in the last block; only ranks below
+    ``keep`` with ``keep``), the table's element offset from the weights pointer and row width,
+    and the element offset of its projection ``P_i^T`` ([width, D], fp32, also counted from the
+    weights pointer, so it may be negative) or None for a D-wide block used as it is. ``remap_offset``: element offset of
+    the feature's int32 id -> rank array from the remap base pointer, None without one."""
+
+    feature: int
+    num_embeddings: int
+    starts: tuple[int, ...]
+    rows: tuple[int, ...]
+    table_offsets: tuple[int, ...]
+    widths: tuple[int, ...]
+    projection_offsets: tuple[int | None, ...]
+    remap_offset: int | None
+    mean: bool
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,10 +174,11 @@ def _kernel() -> Any:
     def lookup_kernel(
         ids_ptr, offsets_ptr, out_ptr, weights_ptr, params_ptr, batch, out_stride,
         K: tl.constexpr, OP: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, MIX1: tl.constexpr, MIX2: tl.constexpr,
     ):  # fmt: skip
         # params row of this program's feature: feature, num_embeddings, mean, then per
-        # partition j: stride, radix, table element offset.
+        # partition j: stride (multihash: the probe's mixed seed), radix (rows), table element
+        # offset (multihash: the same table for every probe).
         row = params_ptr + tl.program_id(1) * (3 + 3 * K)
         feature = tl.load(row)
         n = tl.load(row + 1)
@@ -149,13 +195,22 @@ def _kernel() -> Any:
         for i in range(0, tl.reduce(lens, 0, _longest)):
             live = in_b & (i < lens)
             ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
-            ids = tl.where((ids >= 0) & (ids < n), ids, n)  # Full's OOV map
+            if OP != 3:  # multihash hashes every int64 id, as hashing.hash_ids does (no OOV row)
+                ids = tl.where((ids >= 0) & (ids < n), ids, n)  # Full's OOV map
             vec = tl.full([BLOCK_B, BLOCK_D], 0.0, tl.float32)
             for j in tl.static_range(K):
-                stride = tl.load(row + 3 + 3 * j)
-                digit = ids // stride
-                if j > 0:
-                    digit = digit % tl.load(row + 4 + 3 * j)
+                if OP == 3:
+                    # Probe j's row: splitmix64 of id ^ mixed seed on uint64 (wrapping multiplies,
+                    # logical shifts), top 63 bits modulo rows; fused_ids' HASH maths exactly.
+                    z = (ids ^ tl.load(row + 3 + 3 * j)).to(tl.uint64, bitcast=True)
+                    z = (z ^ (z >> 30)) * MIX1
+                    z = (z ^ (z >> 27)) * MIX2
+                    z = z ^ (z >> 31)
+                    digit = ((z >> 1) % tl.load(row + 4 + 3 * j).to(tl.uint64, bitcast=True)).to(tl.int64, bitcast=True)
+                else:
+                    digit = ids // tl.load(row + 3 + 3 * j)
+                    if j > 0:
+                        digit = digit % tl.load(row + 4 + 3 * j)
                 base = weights_ptr + tl.load(row + 5 + 3 * j) + digit[:, None] * WIDTH
                 if OP == 2:  # concat: partition j fills columns [j * WIDTH, (j + 1) * WIDTH)
                     mine = (cols >= j * WIDTH) & (cols < (j + 1) * WIDTH)
@@ -167,7 +222,7 @@ def _kernel() -> Any:
                         vec = part
                     elif OP == 0:  # mult, left to right like CompositionalLayout.combine
                         vec = vec * part
-                    else:  # add
+                    else:  # add, and multihash's probe sum (probe order, as TBE's folded bag)
                         vec = vec + part
             acc += vec
         # div_rn does not broadcast: the divisor is spread over the columns first.
@@ -179,6 +234,61 @@ def _kernel() -> Any:
     return lookup_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _mixed_kernel() -> Any:
+    """Build the MixedDim kernel (once per process; ``TRITON_INTERPRET`` is read here)."""
+    import triton
+    import triton.language as tl
+
+    _kernel()  # puts the tl.reduce combine (_longest) among this module's globals
+
+    @triton.jit
+    def mixed_kernel(
+        ids_ptr, offsets_ptr, out_ptr, weights_ptr, remap_ptr, params_ptr, batch, out_stride,
+        NB: tl.constexpr, REMAP: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # params row: feature, num_embeddings, mean, remap offset, then per block: first rank,
+        # rows, table offset, width, projected (0: D wide, the row itself), projection offset.
+        row = params_ptr + tl.program_id(1) * (4 + 6 * NB)
+        feature = tl.load(row)
+        n = tl.load(row + 1)
+        mean = tl.load(row + 2)
+        bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_b = bags < batch
+        starts = tl.load(offsets_ptr + feature * batch + bags, mask=in_b, other=0)
+        lens = tl.load(offsets_ptr + feature * batch + bags + 1, mask=in_b, other=0) - starts
+        cols = tl.arange(0, BLOCK_D)
+        in_d = cols < DIM
+        acc = tl.full([BLOCK_B, BLOCK_D], 0.0, tl.float32)
+        for i in range(0, tl.reduce(lens, 0, _longest)):
+            live = in_b & (i < lens)
+            ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
+            ranks = tl.where((ids >= 0) & (ids < n), ids, n)  # id_ranks: the OOV rank is n
+            if REMAP:
+                ranks = tl.load(remap_ptr + tl.load(row + 3) + ranks, mask=live, other=0).to(tl.int64)
+            for b in tl.static_range(NB):
+                local = ranks - tl.load(row + 4 + 6 * b)
+                # An id reads the one block whose ranks hold it; ranks past every block (>= keep)
+                # read none: a zero vector, as the TBE path's dropped ids.
+                hit = live & (local >= 0) & (local < tl.load(row + 5 + 6 * b))
+                width = tl.load(row + 7 + 6 * b)
+                base = weights_ptr + tl.load(row + 6 + 6 * b) + tl.where(hit, local, 0) * width
+                projection = tl.load(row + 9 + 6 * b)
+                if tl.load(row + 8 + 6 * b) == 0:  # a D-wide block: the row itself
+                    acc += tl.load(base[:, None] + cols[None, :], mask=hit[:, None] & in_d[None, :], other=0.0)
+                else:  # row @ P_i^T, one input column at a time (P_i is small and stays in cache)
+                    for c in range(0, width):
+                        x = tl.load(base + c, mask=hit, other=0.0)
+                        p = tl.load(weights_ptr + projection + c * DIM + cols, mask=in_d, other=0.0)
+                        acc += x[:, None] * p[None, :]
+        denom = tl.broadcast_to(tl.maximum(lens, 1).to(tl.float32)[:, None], (BLOCK_B, BLOCK_D))
+        acc = tl.where(mean != 0, tl.math.div_rn(acc, denom), acc)
+        out = out_ptr + bags[:, None] * out_stride + feature * DIM + cols[None, :]
+        tl.store(out, acc, mask=in_b[:, None] & in_d[None, :])
+
+    return mixed_kernel
+
+
 def pooled_lookup(
     ids: torch.Tensor,
     offsets: torch.Tensor,
@@ -188,12 +298,16 @@ def pooled_lookup(
     weights: torch.Tensor,
     features: Sequence[FeatureLookup],
     params_cache: dict | None = None,
+    mixed: Sequence[MixedLookup] = (),
+    remaps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[batch, num_features * dim] pooled vectors of ``features`` from one launch per
     (partitions, op, width) group. ``ids`` (int64) and ``offsets`` ([num_features * batch + 1],
     int64) are a KJT's values and offsets; ``weights`` is the fp32 tensor the table offsets
     count from. Columns of features not listed are left uninitialised. ``params_cache`` keeps
-    the small per-group parameter tensors between calls."""
+    the small per-group parameter tensors between calls. ``mixed``: MixedDim features, one
+    launch per (blocks, remap or not) group; ``remaps`` is the int32 tensor their remap offsets
+    count from."""
     out = torch.empty(batch, num_features * dim, dtype=torch.float32, device=ids.device)
     if batch == 0:
         return out
@@ -217,7 +331,31 @@ def pooled_lookup(
         grid = (-(-batch // BLOCK_BAGS), len(members))
         kernel[grid](
             ids, offsets, out, weights, params, batch, out.stride(0),
-            K=k, OP=OPS[op], WIDTH=width, DIM=dim, BLOCK_B=BLOCK_BAGS, BLOCK_D=block_d, num_warps=NUM_WARPS,
+            K=k, OP=OPS[op], WIDTH=width, DIM=dim, BLOCK_B=BLOCK_BAGS, BLOCK_D=block_d, MIX1=_MIX[0], MIX2=_MIX[1],
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
+    by_blocks: dict[tuple[int, bool], list[MixedLookup]] = {}
+    for m in mixed:
+        by_blocks.setdefault((len(m.starts), m.remap_offset is not None), []).append(m)
+    for (nb, remapped), members in by_blocks.items():
+        key = ("mixed", nb, remapped, tuple(members), ids.device)
+        params = params_cache.get(key) if params_cache is not None else None
+        if params is None:
+            rows = [
+                [m.feature, m.num_embeddings, int(m.mean), m.remap_offset or 0]
+                + [
+                    x
+                    for b, p in enumerate(m.projection_offsets)
+                    for x in (m.starts[b], m.rows[b], m.table_offsets[b], m.widths[b], int(p is not None), p or 0)
+                ]
+                for m in members
+            ]
+            params = torch.tensor(rows, dtype=torch.int64, device=ids.device)
+            if params_cache is not None:
+                params_cache[key] = params
+        _mixed_kernel()[(-(-batch // BLOCK_BAGS), len(members))](
+            ids, offsets, out, weights, remaps if remapped else params, params, batch, out.stride(0),
+            NB=nb, REMAP=remapped, DIM=dim, BLOCK_B=BLOCK_BAGS, BLOCK_D=block_d, num_warps=NUM_WARPS,
         )  # fmt: skip
     return out
 
@@ -226,10 +364,19 @@ def pooled_lookup(
 class _Plan:
     """A collection's kernel arguments, valid while the TBE's weight storage stays put."""
 
-    def __init__(self, key: tuple, weights: torch.Tensor | None, features: list[FeatureLookup]) -> None:
+    def __init__(
+        self,
+        key: tuple,
+        weights: torch.Tensor | None,
+        features: list[FeatureLookup],
+        mixed: list[MixedLookup] | None = None,
+        remaps: torch.Tensor | None = None,
+    ) -> None:
         self.key = key
         self.weights = weights  # None: the collection is not supported
         self.features = features
+        self.mixed = mixed or []
+        self.remaps = remaps  # base of the MixedDim remaps' offsets (None: no remap)
         self.params: dict = {}
 
 
@@ -246,15 +393,34 @@ def _storage_key(tbe: Any) -> tuple:
     return tuple(key)
 
 
+def _dense_key(collection: Any) -> tuple:
+    """Addresses of the dense tensors the plan points into besides the TBE storage (MixedDim
+    projections and remaps): ``.to()`` or replacing a parameter moves them, ``load_state_dict``
+    (an in-place copy) does not."""
+    key: list[Any] = []
+    for layout in collection.layouts.values():
+        projections = getattr(layout, "projections", None)
+        if projections is not None:
+            key.extend(p.data_ptr() for p in projections.values())
+            remap = getattr(layout, "remap", None)
+            key.append(remap.data_ptr() if isinstance(remap, torch.Tensor) else None)
+    return tuple(key)
+
+
 def _build_plan(collection: Any, key: tuple) -> _Plan:
+    import numpy as np
+
     from tablezip.compress.compositional import CompositionalLayout
     from tablezip.compress.full import FullLayout
+    from tablezip.compress.hashing import seed_mix
+    from tablezip.compress.mixed_dim import MixedDimLayout
+    from tablezip.compress.multihash import MultiHashLayout, probe_seed
 
     unsupported = _Plan(key, None, [])
     layouts = list(collection.layouts.values())
-    if not all(type(l) in (FullLayout, CompositionalLayout) for l in layouts):
+    if not all(type(l) in (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout) for l in layouts):
         return unsupported
-    if not any(isinstance(l, CompositionalLayout) for l in layouts):
+    if not any(isinstance(l, (CompositionalLayout, MultiHashLayout, MixedDimLayout)) for l in layouts):
         return unsupported  # Full alone is TBE's pooled passthrough already
     try:
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
@@ -269,16 +435,49 @@ def _build_plan(collection: Any, key: tuple) -> _Plan:
     if any(t.untyped_storage().data_ptr() != storage for t in tables):
         return unsupported
     base = min(tables, key=lambda t: t.data_ptr())
-    features = []
+    # The lowest-addressed remap is the base: every remap offset is then >= 0.
+    remap_list = sorted(
+        (l.remap for l in layouts if isinstance(l, MixedDimLayout) and l.remap is not None), key=lambda r: r.data_ptr()
+    )
+    for l in layouts:
+        if isinstance(l, MixedDimLayout):
+            dense = list(l.projections.values()) + ([l.remap] if l.remap is not None else [])
+            if any(t.device != base.device or not t.is_contiguous() for t in dense):
+                return unsupported
+            if any(p.dtype != torch.float32 for p in l.projections.values()):
+                return unsupported
+            if l.remap is not None and l.remap.dtype != torch.int32:
+                return unsupported
+    features, mixed = [], []
     for f, (layout, feature) in enumerate(zip(layouts, collection.features)):
         slots = collection.feature_tables(feature.name)
         offsets = tuple((tables[t].data_ptr() - base.data_ptr()) // 4 for t in slots)
+        mean = feature.pooling.value == "mean"
+        if isinstance(layout, MixedDimLayout):
+            # Projections are counted from the weights pointer too (fp32, 4-byte aligned), so the
+            # kernel needs no pointer per block; they are read in place, trained or loaded.
+            projections = tuple(
+                None if p is None else (p.data_ptr() - base.data_ptr()) // 4
+                for p in (layout.projection_of(b) for b in range(len(layout.dims)))
+            )
+            remap_at = None if layout.remap is None else (layout.remap.data_ptr() - remap_list[0].data_ptr()) // 4
+            starts = tuple(int(x) for x in np.cumsum([0] + layout.sizes[:-1]))
+            mixed.append(
+                MixedLookup(f, feature.num_embeddings, starts, tuple(layout._rows), offsets, tuple(layout.dims), projections, remap_at, mean)
+            )
+            continue
+        seeds: tuple[int, ...] = ()
         if isinstance(layout, FullLayout):
             partitions, op, width = (feature.num_embeddings + 1,), "add", collection.dim
+        elif isinstance(layout, MultiHashLayout):  # every probe slot reads the one shared table
+            partitions, op, width = (layout.rows,) * layout.probes, "multihash", collection.dim
+            seeds = tuple(seed_mix(probe_seed(layout.seed, p)) for p in range(layout.probes))
         else:
             partitions, op, width = tuple(layout.partitions), layout.op, layout.table_dim
-        features.append(FeatureLookup(f, feature.num_embeddings, op, partitions, offsets, width, feature.pooling.value == "mean"))
-    return _Plan(key, base, features)
+        features.append(
+            FeatureLookup(f, feature.num_embeddings, op, partitions, offsets, width, mean, seeds)
+        )
+    return _Plan(key, base, features, mixed, remap_list[0] if remap_list else None)
 
 
 def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -287,7 +486,7 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     kernel does not cover). ``ids``/``offsets``: the ordered KJT's values and offsets."""
     if not enabled_for(ids):
         return None
-    key = _storage_key(collection.tbe)
+    key = _storage_key(collection.tbe) + _dense_key(collection)
     plan = _PLANS.get(collection)
     if plan is None or plan.key != key:
         plan = _PLANS[collection] = _build_plan(collection, key)
@@ -295,5 +494,5 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
         return None
     return pooled_lookup(
         ids.contiguous(), offsets.to(torch.int64).contiguous(), batch, len(collection.features), collection.dim,
-        plan.weights, plan.features, plan.params,
+        plan.weights, plan.features, plan.params, plan.mixed, plan.remaps,
     )  # fmt: skip

@@ -1,5 +1,6 @@
-"""The fused inference lookup of QR/KWay (+ Full) collections (compress/fused_lookup.py) against
-the TBE path: bit for bit for bags of one id, allclose for longer bags.
+"""The fused inference lookup of QR/KWay, MultiHash and MixedDim (+ Full) collections
+(compress/fused_lookup.py) against the TBE path: bit for bit for bags of one id (MixedDim: ids
+of D-wide blocks; projected blocks allclose), allclose for longer bags.
 
 CI has no GPU and no Triton: the kernel tests skip there. With Triton installed they run the
 kernel in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before the kernel is built)
@@ -16,7 +17,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import KWay, QR, Full, Hash, fused_lookup
+import numpy as np
+
+from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, fused_lookup
+from tablezip.compress.hashing import MIX
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
 from tests.conftest import random_kjt
 
@@ -41,9 +45,11 @@ def interpreted(monkeypatch):
     """The kernel under Triton's interpreter, built fresh for the test and dropped after it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fused_lookup._kernel.cache_clear()
+    fused_lookup._mixed_kernel.cache_clear()
     with fused_lookup.mode("on"):
         yield
     fused_lookup._kernel.cache_clear()
+    fused_lookup._mixed_kernel.cache_clear()
 
 
 def one_id_kjt(names: list[str], batch: int, seed: int) -> KeyedJaggedTensor:
@@ -154,3 +160,127 @@ def test_collections_the_kernel_does_not_cover_take_the_tbe_path(interpreted, mo
     with torch.no_grad():
         QuantizedEmbeddingBagCollection.load(quantized)(kjt)
     assert calls == []
+
+
+# -- MultiHash: salted probes of one table, summed (op "multihash") ------------------------
+MH_FEATURES = [
+    FeatureSpec("full", 50), FeatureSpec("mh2", 5000), FeatureSpec("mh3_mean", 3000, pooling="mean"),
+    FeatureSpec("mh1", 800), FeatureSpec("qr", 1000),
+]  # fmt: skip
+MH_METHODS = {
+    "full": Full(), "mh2": MultiHash(rows=97, probes=2), "mh3_mean": MultiHash(rows=61, probes=3, seed=5),
+    "mh1": MultiHash(rows=40, probes=1, seed=2), "qr": QR(collisions=7),
+}  # fmt: skip
+MH_NAMES = [f.name for f in MH_FEATURES]
+
+
+def test_kernel_hash_constants_are_hashing_s():
+    """The kernel module keeps its own copy (it loads without tablezip in the GPU benchmark)."""
+    assert fused_lookup._MIX == MIX
+
+
+@needs_triton
+def test_multihash_one_id_bags_are_bit_identical(interpreted, monkeypatch):
+    """Folded TBE bags add the probe rows from 0 in probe order; the kernel does the same, and
+    hashes every int64 id (extremes and negatives included) to the torch rows."""
+    calls = spy(monkeypatch)
+    for methods in (MH_METHODS, {n: MH_METHODS[n] for n in MH_NAMES[:4]}):  # with QR, and Full + MultiHash only
+        names = list(methods)
+        coll = CompressedEmbeddingBagCollection(MH_FEATURES[: len(names)], DIM, methods, seed=4)
+        for seed, batch in ((0, 1), (1, 70)):
+            reference, fused = both(coll, one_id_kjt(names, batch, seed))
+            assert torch.equal(reference, fused)
+    assert len(calls) == 4
+
+
+@needs_triton
+def test_multihash_longer_and_empty_bags_are_allclose(interpreted):
+    coll = CompressedEmbeddingBagCollection(MH_FEATURES, DIM, MH_METHODS, seed=5)
+    kjt = random_kjt(MH_NAMES, 45, 6000, max_len=6, seed=6, id_low=-10)
+    reference, fused = both(coll, kjt)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
+    empty = kjt.lengths().view(len(MH_NAMES), 45) == 0
+    assert empty.any()
+    for f in range(len(MH_NAMES)):
+        assert torch.all(fused[empty[f], f * DIM : (f + 1) * DIM] == 0)
+
+
+# -- MixedDim: frequency blocks of their own width, projected to D -------------------------
+_UNSORTED = np.random.default_rng(0).integers(1, 1000, 2000).astype(np.float64)  # needs a remap
+MD_FEATURES = [
+    FeatureSpec("full", 50), FeatureSpec("md3", 5000), FeatureSpec("md_remap", 2000, counts=_UNSORTED),
+    FeatureSpec("md_keep", 3000, pooling="mean"), FeatureSpec("md1", 800), FeatureSpec("md_keep_remap", 2000, counts=_UNSORTED),
+]  # fmt: skip
+MD_METHODS = {
+    "full": Full(),
+    "md3": MixedDim(dims=(24, 12, 4), sizes=(10, 500, 4490)),
+    "md_remap": MixedDim(dims=(24, 8), sizes=(100, 1900)),
+    "md_keep": MixedDim(dims=(16, 8, 4), sizes=(30, 300, 2670), keep=1000),
+    "md1": MixedDim(dims=(8,)),
+    "md_keep_remap": MixedDim(dims=(12, 4), sizes=(50, 1950), keep=700),
+}  # fmt: skip
+MD_NAMES = [f.name for f in MD_FEATURES]
+# Projected blocks: the kernel sums row[c] * P[c, :] over c in order, the TBE path's mm in
+# cuBLAS's / MKL's order, so a few ulps apart (vectors of magnitude ~1).
+MD_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _md_collection(seed: int) -> CompressedEmbeddingBagCollection:
+    coll = CompressedEmbeddingBagCollection(MD_FEATURES, DIM, MD_METHODS, seed=seed)
+    assert any(l.remap is not None for l in coll.layouts.values() if hasattr(l, "remap"))
+    return coll
+
+
+@needs_triton
+def test_mixed_dim_one_id_bags_match(interpreted, monkeypatch):
+    """Ids of D-wide blocks and Full are bit-identical (the row itself, plus exact zeros); ids of
+    projected blocks allclose; dropped ids (keep) and OOV ids read what the TBE path reads."""
+    calls = spy(monkeypatch)
+    coll = _md_collection(6)
+    for seed, batch in ((0, 1), (1, 70)):
+        kjt = one_id_kjt(MD_NAMES, batch, seed)
+        reference, fused = both(coll, kjt)
+        torch.testing.assert_close(fused, reference, **MD_TOL)
+        ranks = coll.layouts["md3"].transform(kjt["md3"].values())[0]  # block 0 (D wide) rows
+        wide = ranks >= 0
+        f = MD_NAMES.index("md3")
+        assert torch.equal(fused[wide, f * DIM : (f + 1) * DIM], reference[wide, f * DIM : (f + 1) * DIM])
+        assert torch.equal(fused[:, :DIM], reference[:, :DIM])  # Full
+    assert len(calls) == 2
+
+
+@needs_triton
+def test_mixed_dim_dropped_ids_read_zero(interpreted):
+    coll = _md_collection(7)
+    values = torch.tensor([0, 999, 1000, 2999, 5000, -1])  # md_keep: kept, kept, dropped x2, OOV x2
+    kjt = KeyedJaggedTensor(keys=MD_NAMES, values=values.repeat(len(MD_NAMES)), lengths=torch.ones(6 * len(MD_NAMES), dtype=torch.long))
+    reference, fused = both(coll, kjt)
+    f = MD_NAMES.index("md_keep")
+    block = fused[:, f * DIM : (f + 1) * DIM]
+    assert torch.all(block[2:] == 0) and torch.all(block[:2].abs().sum(1) > 0)
+    torch.testing.assert_close(fused, reference, **MD_TOL)
+
+
+@needs_triton
+def test_mixed_dim_longer_bags_trained_projections_and_loads(interpreted, monkeypatch):
+    """Bags of 0-6 ids allclose; the projections are read in place (after training steps of the
+    TBE path and after ``load_state_dict``), and a moved parameter rebuilds the plan."""
+    calls = spy(monkeypatch)
+    coll = CompressedEmbeddingBagCollection(MD_FEATURES, DIM, MD_METHODS, optimizer=TableOptimizer(lr=0.5), seed=8)
+    twin = copy.deepcopy(coll)
+    kjt = random_kjt(MD_NAMES, 45, 6000, max_len=6, seed=9, id_low=-10)
+    reference, fused = both(coll, kjt)
+    torch.testing.assert_close(fused, reference, **MD_TOL)
+    optimizer = torch.optim.SGD([p for n, p in coll.named_parameters() if "projections" in n], lr=0.5)
+    for _ in range(2):
+        coll(random_kjt(MD_NAMES, 16, 6000, seed=10)).values().pow(2).sum().backward()
+        optimizer.step()
+    reference, fused = both(coll, kjt)
+    torch.testing.assert_close(fused, reference, **MD_TOL)
+    twin.load_state_dict(coll.state_dict())
+    torch.testing.assert_close(both(twin, kjt)[1], reference, **MD_TOL)
+    layout = twin.layouts["md3"]
+    layout.projections["1"] = torch.nn.Parameter(layout.projections["1"].detach().clone() * 2)
+    reference, fused = both(twin, kjt)
+    torch.testing.assert_close(fused, reference, **MD_TOL)
+    assert len(calls) == 4
