@@ -25,55 +25,29 @@ built on first use.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from tablezip.compress.kernel_switch import MODES, KernelSwitch, triton_available  # noqa: F401
 
 from tablezip.embeddings.registry import IdBatch
 
 HASH, HYBRID, PRUNED = 0, 1, 2
-MODES = ("auto", "on", "off")
 _BLOCK = 1024
-_mode = "auto"
 
 
-@contextmanager
-def mode(value: str) -> Iterator[None]:
-    """Within the block: "auto" (CUDA ids and Triton importable), "on" (any device, Triton's
-    interpreter on a CPU) or "off" (always the torch path)."""
-    global _mode
-    if value not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
-    before, _mode = _mode, value
-    try:
-        yield
-    finally:
-        _mode = before
+_switch = KernelSwitch()
+mode = _switch.mode
 
 
 def current_mode() -> str:
-    return _mode
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when Triton imports; cached, so it is asked once per process."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install (no compiler/driver): the torch path
-        return False
-    return True
+    return _switch.value
 
 
 def enabled_for(ids: torch.Tensor) -> bool:
     """Whether the fused kernels run for ``ids`` under the current ``mode``."""
-    if _mode == "off":
-        return False
-    if _mode == "auto" and not ids.is_cuda:
-        return False
-    return triton_available()
+    return _switch.wants_kernel(ids)
 
 
 @functools.lru_cache(maxsize=None)

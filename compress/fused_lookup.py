@@ -53,57 +53,31 @@ from __future__ import annotations
 
 import functools
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-MODES = ("auto", "on", "off")
+from tablezip.compress.kernel_switch import MODES, KernelSwitch, triton_available  # noqa: F401
+
 OPS = {"mult": 0, "add": 1, "concat": 2, "multihash": 3}
 # splitmix64's multipliers (compress/hashing.MIX), as the unsigned constants the kernel multiplies by
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 BLOCK_BAGS = 32  # bags per program; each program covers every column of one feature's bags
 NUM_WARPS = 4
-_mode = "auto"
 
 
-@contextmanager
-def mode(value: str) -> Iterator[None]:
-    """Within the block: "auto" (CUDA ids and Triton importable), "on" (any device, Triton's
-    interpreter on a CPU) or "off" (always the TBE path)."""
-    global _mode
-    if value not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
-    before, _mode = _mode, value
-    try:
-        yield
-    finally:
-        _mode = before
+_switch = KernelSwitch()
+mode = _switch.mode
 
 
 def current_mode() -> str:
-    return _mode
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when Triton imports; cached, so it is asked once per process."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install: the TBE path
-        return False
-    return True
+    return _switch.value
 
 
 def enabled_for(ids: torch.Tensor) -> bool:
     """Whether the fused lookup may run for ``ids`` under the current ``mode`` (inference only)."""
-    if _mode == "off" or torch.is_grad_enabled():
-        return False
-    if _mode == "auto" and not ids.is_cuda:
-        return False
-    return triton_available()
+    return not torch.is_grad_enabled() and _switch.wants_kernel(ids)
 
 
 @dataclass(frozen=True)
