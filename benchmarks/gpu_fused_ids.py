@@ -17,32 +17,17 @@ then times each group's transform both ways with CUDA events, and the host time 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def import_without_fbgemm() -> None:
-    """Make ``tablezip.compress`` importable where torchrec/fbgemm are not installed."""
-    try:
-        importlib.import_module("tablezip.embeddings")
-    except ImportError:
-        package = types.ModuleType("tablezip.embeddings")
-        package.__path__ = [str(ROOT / "embeddings")]  # type: ignore[attr-defined]
-        sys.modules["tablezip.embeddings"] = package
-    importlib.import_module("tablezip.compress")
-
+from harness import import_without_fbgemm, time_cuda_fn  # noqa: E402
 
 import_without_fbgemm()
 from tablezip.compress import (  # noqa: E402
@@ -108,19 +93,8 @@ def check(features, methods, ids: list[torch.Tensor], dim: int, device: torch.de
 
 
 def cuda_ms(fn: Callable[[], object], repeats: int = 30, iterations: int = 20) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iterations):
-            fn()
-        end.record()
-        end.synchronize()
-        per.append(start.elapsed_time(end) / iterations)
-    return statistics.median(per)
+    """Median GPU ms per call (the harness's CUDA-event timer)."""
+    return time_cuda_fn(fn, warmup=5, repeats=repeats, iterations=iterations)["median_ms"]
 
 
 def host_us(fn: Callable[[], object], calls: int = 200) -> float:

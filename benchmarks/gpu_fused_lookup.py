@@ -1,8 +1,9 @@
 """Kernel-only check and timing of the fused QR/KWay lookup (compress/fused_lookup.py) on a GPU.
 
 Needs no fbgemm or torchrec: it builds plain CUDA weight tensors (every feature's partition
-tables back to back in one fp32 buffer, as fbgemm's ``weights_dev`` holds them) and loads the
-module by file path. For each case (Full as one partition, QR mult/add/concat, 3-way mult) it
+tables back to back in one fp32 buffer, as fbgemm's ``weights_dev`` holds them) and imports
+the module without ``tablezip.embeddings``' torchrec imports (``harness.import_without_fbgemm``).
+For each case (Full as one partition, QR mult/add/concat, 3-way mult) it
 compares the kernel with a torch reference: the TBE path's maths (OOV map, mixed-radix digits,
 row gathers, left-to-right product, per-bag ``index_add_``), bit for bit for one id per bag and
 allclose for bags of 0-8 ids. It times the kernel against that reference and against its own
@@ -23,43 +24,26 @@ id -> rank remap, 32/8-wide blocks, only the top half of ranks kept: the rest re
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fused_lookup", ROOT / "compress" / "fused_lookup.py")
-fl = importlib.util.module_from_spec(_spec)
-sys.modules["fused_lookup"] = fl  # dataclasses look their module up
-_spec.loader.exec_module(fl)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import import_without_fbgemm, time_cuda_fn, time_fn  # noqa: E402
+
+import_without_fbgemm()
+from tablezip.compress import fused_lookup as fl  # noqa: E402
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int = 15, iterations: int = 10) -> float:
-    """Median ms per call (CUDA events around ``iterations`` calls; wall clock on a CPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iterations):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / iterations)
-        else:
-            import time
-
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median ms per call: the harness's CUDA-event timer on a GPU, one wall-clock call per repeat
+    on a CPU (the interpreter smoke test)."""
+    if device.type == "cuda":
+        return time_cuda_fn(fn, warmup=3, repeats=repeats, iterations=iterations)["median_ms"]
+    return time_fn(fn, warmup=3, repeats=repeats, min_seconds=0)["median_ms"]
 
 
 def build_case(name: str, tables: int, rows: int, dim: int, device: torch.device, g: torch.Generator):

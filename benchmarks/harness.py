@@ -8,6 +8,7 @@ compared without re-reading each script.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -82,6 +84,20 @@ class Workload:
                 ids = rng.permutation(n)[ranks]
             out[name] = torch.from_numpy(ids.astype(np.int64))
         return out
+
+
+def import_without_fbgemm() -> None:
+    """Make ``tablezip.compress`` importable where torchrec/fbgemm are not installed (the lent GPU
+    image): ``tablezip.embeddings``' package ``__init__`` imports the collection, hence torchrec,
+    so it is replaced by a bare package when it cannot be imported. Registry, features and every
+    method only need torch; the kernel-only GPU scripts run on that."""
+    try:
+        importlib.import_module("tablezip.embeddings")
+    except ImportError:
+        package = types.ModuleType("tablezip.embeddings")
+        package.__path__ = [str(Path(__file__).resolve().parent.parent / "embeddings")]  # type: ignore[attr-defined]
+        sys.modules["tablezip.embeddings"] = package
+    importlib.import_module("tablezip.compress")
 
 
 def time_fn(

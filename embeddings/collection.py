@@ -150,18 +150,19 @@ class EmbeddingBagLookup(nn.Module):
             raise ValueError("weighted KeyedJaggedTensors are not supported yet")
         kjt = self._ordered(features)
         values = kjt.values().to(torch.int64)
-        per_feature = torch.split(values, kjt.length_per_key())
         batch = kjt.stride()
-        lengths = kjt.lengths().view(len(self.features), batch)
-        layouts = list(self.layouts.values())
         if self.batch_transforms and not torch.is_grad_enabled():
-            # Inference on CUDA: QR/KWay (+ Full) collections in one Triton kernel that reads the
-            # TBE's tables in place (compress/fused_lookup.py); None where it does not apply.
+            # Inference on CUDA: Full, QR/KWay, MultiHash and MixedDim collections in one Triton
+            # kernel that reads the TBE's tables in place (compress/fused_lookup.py); None where it
+            # does not apply. Checked before the per-feature split, which it does not need.
             from tablezip.compress import fused_lookup
 
             fused = fused_lookup.pooled(self, values, kjt.offsets(), batch)
             if fused is not None:
-                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(layouts), values=fused)
+                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.features), values=fused)
+        per_feature = torch.split(values, kjt.length_per_key())
+        lengths = kjt.lengths().view(len(self.features), batch)
+        layouts = list(self.layouts.values())
         by_weight = self._passthrough_by_weight and self.drop_by_weight and self.batch_transforms
         folded = self._passthrough_folded and self.batch_transforms
         if self._passthrough or by_weight or folded:
@@ -299,10 +300,13 @@ class EmbeddingBagLookup(nn.Module):
 
     def _folded_offsets(self, offsets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """TBE offsets once each bag of a folded feature holds k rows per id (``_fold_factor``)."""
-        factors = set(self._fold_factor)
-        if len(factors) == 1:
-            return offsets * factors.pop()
-        scaled = lengths.to(torch.int64) * lengths.new_tensor(self._fold_factor, dtype=torch.int64).unsqueeze(1)
+        if len(set(self._fold_factor)) == 1:
+            return offsets * self._fold_factor[0]
+        factors: torch.Tensor | None = self.__dict__.get("_fold_factor_cache")
+        if factors is None or factors.device != lengths.device:  # once per device, not per batch
+            factors = torch.tensor(self._fold_factor, dtype=torch.int64, device=lengths.device).unsqueeze(1)
+            self.__dict__["_fold_factor_cache"] = factors  # a cache, not module state
+        scaled = lengths.to(torch.int64) * factors
         out = torch.zeros(scaled.numel() + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(scaled.view(-1), 0, out=out[1:])
         return out
