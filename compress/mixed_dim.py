@@ -391,9 +391,57 @@ def block_rows(ranks: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor) ->
     return torch.where(inside, local, torch.full_like(local, -1))
 
 
+def _row_table_rows(layouts: Sequence["MixedDimLayout"], batch: IdBatch) -> torch.Tensor:
+    """The rows (int64, -1 where an id has none) of every id of a group of single-block layouts
+    with a remap, read from one int32 table that lists, per feature, the row of the OOV rank, the
+    rows of ids ``0 .. n - 1`` and the OOV row again (``n + 2`` entries; a row is the id's rank,
+    or -1 at ranks ``>= keep``). Clamping an id to ``[-1, n]`` and adding the feature's start + 1
+    points out-of-range ids (negative, or ``>= n``) at the OOV entries, so an id's row is one
+    gather: exactly ``block_rows(id_ranks(...))`` of ``transform``.
+
+    The table is derived from the remaps, not state: it is kept on the first layout, and rebuilt
+    when any remap is replaced or written in place (``load_state_dict``: its version changes)."""
+    remaps = [l.remap for l in layouts]
+    # The cache pins the remaps it was built from, so their ids cannot be reused while it lives.
+    key = tuple((id(r), r._version, r.data_ptr()) for r in remaps)
+    cache = layouts[0].__dict__.get("_row_table_cache")
+    if cache is None or cache[0] != key:
+        parts, starts = [], []
+        start = 0
+        for layout in layouts:
+            assert layout.remap is not None
+            n = layout.feature.num_embeddings
+            ranks = layout.remap.to(torch.int64)
+            rows = torch.where(ranks < layout._rows[0], ranks, -1)  # one block: its rows are the ranks
+            parts.append(torch.cat([rows[n:], rows[:n], rows[n:]]))
+            starts.append(start + 1)
+            start += n + 2
+        table = torch.cat(parts).to(torch.int32)
+        cache = (key, table, starts, remaps)
+        layouts[0].__dict__["_row_table_cache"] = cache  # a cache, not module state
+    _, table, starts, _ = cache
+    n = batch.constant([l.feature.num_embeddings for l in layouts])
+    ids = batch.ids
+    if isinstance(n, int):
+        index = ids.clamp(-1, n)
+    else:
+        index = torch.clamp(ids, min=batch.per_feature([-1])[0], max=n)
+    index += batch.constant(starts)
+    return table.index_select(0, index).to(torch.int64)
+
+
 # -- layout ------------------------------------------------------------------------------------
 class MixedDimLayout(FeatureLayout):
     pooled_in_tbe = True  # sum_i P_i(pooled_i) is linear in the rows
+    # True: ``transform_batch`` of single-block layouts tests only ``rank < rows`` (ranks are never
+    # negative); False: the general per-block test (``local >= 0 & local < rows``), the "before" of
+    # that change in benchmarks/NOTES.md (issue 3). Same rows either way.
+    single_block_test: bool = True
+    # True: ``transform_batch`` of single-block layouts with a remap reads every id's row from one
+    # derived int32 table of the whole group (see ``_row_table_rows``): a clamp, an add and one
+    # gather instead of the OOV test, a gather per feature and the block test. False: those steps
+    # (the "before" of that change in benchmarks/NOTES.md, issue 3). Same rows either way.
+    row_table: bool = True
 
     def __init__(self, feature: FeatureSpec, dim: int, config: MixedDim) -> None:
         resolved = resolve(feature, dim, config)
@@ -456,9 +504,18 @@ class MixedDimLayout(FeatureLayout):
         """Ranks of every id at once (one gather per feature where ranks need a remap), then one
         in-block test per block over all features' ids, as ``block_rows`` does per feature."""
         mixed = cast(Sequence[MixedDimLayout], layouts)
+        if mixed[0].remap is not None and len(mixed[0].dims) == 1 and all(l.row_table for l in mixed):
+            return batch.split_slots([_row_table_rows(mixed, batch)])
         ranks = batch_oov_rows(layouts, batch)
         if mixed[0].remap is not None:
             ranks = batch.gather([l.remap for l in mixed], ranks).to(torch.int64)
+        if len(mixed[0].dims) == 1 and all(l.single_block_test for l in mixed):
+            # One block (the fitters' table-level sizing): its rows are the ranks themselves, which
+            # are >= 0 (OOV ranks are num_embeddings), so the block test is one compare against the
+            # rows, and none without ``keep`` (the block then holds every rank, OOV included).
+            if all(l.keep is None for l in mixed):
+                return batch.split_slots([ranks])
+            return batch.split_slots([torch.where(ranks < batch.constant([l._rows[0] for l in mixed]), ranks, -1)])
         slots = []
         for block in range(len(mixed[0].dims)):
             local = ranks - batch.constant([sum(l.sizes[:block]) for l in mixed])
@@ -488,7 +545,16 @@ class MixedDimLayout(FeatureLayout):
     def combine_form(self) -> CombineForm:
         """``combine`` as the collection's fused assemble computes it (D-wide blocks added, then
         one product per projected block), with the current projections."""
-        return CombineForm("project", tuple(self.projection_of(i) for i in range(len(self.dims))))
+        # Read on every fused forward: one dict lookup per block (``projection_of`` goes through
+        # ParameterDict's ``__getitem__`` and ``getattr``, ~0.1 ms per step over 24 features).
+        params = self.projections._parameters
+        return CombineForm(
+            "project",
+            tuple(
+                None if d == self.dim else (params.get(str(i)) if str(i) in params else self.projection_of(i))
+                for i, d in enumerate(self.dims)
+            ),
+        )
 
     def projection_of(self, block: int) -> torch.Tensor | None:
         """``P_i^T`` ([d_i, D]) of a block, None when the block is already ``D`` wide."""

@@ -47,16 +47,29 @@ class _Op:
     feature: int
     mean: bool
     projected: tuple[bool, ...] = ()  # "project": which slots have a weight
+    slots: tuple[int, ...] = ()  # position of each of its slots among TBE's slots (column order)
 
 
 class AssemblePlan:
     """The ops of one collection, fixed by its layouts and slot plan (built once, then cached)."""
 
-    def __init__(self, ops: list[_Op], layouts: list[FeatureLayout], dim: int, width: int) -> None:
+    def __init__(
+        self, ops: list[_Op], layouts: list[FeatureLayout], dim: int, width: int, widths: tuple[int, ...] = ()
+    ) -> None:
         self.ops = ops
         self.layouts = layouts
         self.dim = dim
         self.width = width  # columns of TBE's output
+        self.widths = widths  # of each TBE slot, in column order
+        # True: every forward and backward takes its column views with one ``split`` per tensor
+        # (TBE's output, its gradient, the output, the output's gradient) and reuses them; a
+        # "project" op whose slots are all D wide (no weight) skips the contiguous copy of its
+        # gradient that only the products need; and a gradient BLAS cannot read (the expanded one
+        # of a plain ``sum``) is materialised into one scratch buffer reused by every op, whose
+        # products run right after (a fresh [B, D] copy per op writes to cold memory). False: a
+        # slice per use and a fresh copy per op (the "before" of that change in
+        # benchmarks/NOTES.md, issue 3). The same float ops on the same values: bitwise equal.
+        self.lean_views = bool(widths) and all(op.slots for op in ops)
         self.all_pooled = all(l.pooled_in_tbe for l in layouts)
         self.any_mean = any(op.mean for op in ops)
         self.saves_input = any(op.kind in ("mult", "project") for op in ops)
@@ -72,6 +85,9 @@ class AssemblePlan:
             for j, has_weight in enumerate(op.projected):
                 if has_weight:
                     self.projections.append((i, j, len(self.projections)))
+        self.projections_of: dict[int, list[tuple[int, int]]] = {}  # op -> its (slot, weight index)
+        for i, j, w in self.projections:
+            self.projections_of.setdefault(i, []).append((j, w))
 
     def weights(self) -> list[torch.Tensor]:
         """The current projection weights, in op order (read each forward: ``load_state_dict`` and
@@ -112,13 +128,14 @@ def _build(lookup: "EmbeddingBagLookup") -> AssemblePlan | None:
     for s, d in zip(lookup._tbe_order, dims):
         start[s] = (column, d)
         column += d
+    position = {s: i for i, s in enumerate(lookup._tbe_order)}
     ops: list[_Op] = []
     for f, (layout, slots, feature) in enumerate(zip(layouts, lookup._feature_slots, lookup.features)):
         mean = feature.pooling is Pooling.MEAN
         if lookup._folds[f]:  # batched: one TBE slot whose bags pooled every probe (folds_slots)
             if start[slots[0]][1] != lookup.dim:
                 return None
-            ops.append(_Op("identity", (start[slots[0]],), f * lookup.dim, f, mean))
+            ops.append(_Op("identity", (start[slots[0]],), f * lookup.dim, f, mean, (), (position[slots[0]],)))
             continue
         form = layout.combine_form()
         if form is None:
@@ -127,8 +144,8 @@ def _build(lookup: "EmbeddingBagLookup") -> AssemblePlan | None:
         if not _fits(form, cols, lookup.dim):
             return None
         projected = tuple(w is not None for w in form.weights) if form.kind == "project" else ()
-        ops.append(_Op(form.kind, cols, f * lookup.dim, f, mean, projected))
-    return AssemblePlan(ops, layouts, lookup.dim, column)
+        ops.append(_Op(form.kind, cols, f * lookup.dim, f, mean, projected, tuple(position[s] for s in slots)))
+    return AssemblePlan(ops, layouts, lookup.dim, column, tuple(dims))
 
 
 def _fits(form: CombineForm, cols: tuple[tuple[int, int], ...], dim: int) -> bool:
@@ -150,6 +167,36 @@ def _slices(x: torch.Tensor, op: _Op) -> list[torch.Tensor]:
     return [x[:, a : a + w] for a, w in op.cols]
 
 
+class _Views:
+    """Column views of one [rows, columns] tensor for every op: with ``lean`` one ``split`` per
+    tensor makes all of them at once (a C++ loop instead of a Python slice per use) and each op
+    reads its own; else a slice per use, as before."""
+
+    def __init__(self, x: torch.Tensor, plan: AssemblePlan, slots: bool) -> None:
+        self.x = x
+        self.lean = plan.lean_views
+        if self.lean:
+            self.views = x.split(list(plan.widths), dim=1) if slots else x.split(plan.dim, dim=1)
+
+    def of(self, op: _Op) -> list[torch.Tensor]:
+        """The op's slots (a TBE-side tensor)."""
+        if self.lean:
+            return [self.views[k] for k in op.slots]
+        return _slices(self.x, op)
+
+    def slot(self, op: _Op, j: int) -> torch.Tensor:
+        if self.lean:
+            return self.views[op.slots[j]]
+        a, w = op.cols[j]
+        return self.x[:, a : a + w]
+
+    def vector(self, op: _Op, dim: int) -> torch.Tensor:
+        """The op's D columns (an output-side tensor)."""
+        if self.lean:
+            return self.views[op.feature]
+        return self.x[:, op.out : op.out + dim]
+
+
 class _Assemble(torch.autograd.Function):
     """Forward: every feature's vector written into one [batch, F*D] output. Backward: every slot's
     gradient written into one contiguous [bags, width] gradient of TBE's output (what fbgemm's
@@ -166,10 +213,11 @@ class _Assemble(torch.autograd.Function):
     ) -> torch.Tensor:
         x = pooled if pooled.shape[0] == batch else pooled[:batch]
         out = pooled.new_empty(batch, len(plan.ops) * plan.dim)
+        xs, outs = _Views(x, plan, slots=True), _Views(out, plan, slots=False)
         written = [False] * len(plan.ops)  # "project": whether its vector holds a first term yet
         for i, op in enumerate(plan.ops):
-            dst = out[:, op.out : op.out + plan.dim]
-            parts = _slices(x, op)
+            dst = outs.vector(op, plan.dim)
+            parts = xs.of(op)
             if op.kind == "identity":
                 dst.copy_(parts[0])
             elif op.kind in ("mult", "add"):
@@ -196,14 +244,14 @@ class _Assemble(torch.autograd.Function):
                 dst.div_(divisors[op.feature].unsqueeze(1))
         for i, j, w in plan.projections:
             op = plan.ops[i]
-            dst = out[:, op.out : op.out + plan.dim]
-            part = _slices(x, op)[j]
+            dst = outs.vector(op, plan.dim)
+            part = xs.slot(op, j)
             dst.addmm_(part, weights[w]) if written[i] else torch.mm(part, weights[w], out=dst)
             written[i] = True
         for op in plan.ops:
             if op.kind == "project" and op.mean:
                 assert divisors is not None
-                out[:, op.out : op.out + plan.dim].div_(divisors[op.feature].unsqueeze(1))
+                outs.vector(op, plan.dim).div_(divisors[op.feature].unsqueeze(1))
         ctx.plan = plan
         ctx.batch = batch
         ctx.bags = pooled.shape[0]
@@ -229,12 +277,17 @@ class _Assemble(torch.autograd.Function):
             grad_pooled[batch:].zero_()
         gx = grad_pooled[:batch]
         x = None if pooled is None else (pooled if bags == batch else pooled[:batch])
+        gxs, gs = _Views(gx, plan, slots=True), _Views(grad, plan, slots=False)
+        xs = None if x is None else _Views(x, plan, slots=True)
         projected_grads: dict[int, torch.Tensor] = {}
+        wanted = ctx.needs_input_grad[4:]
+        grad_weights: list[torch.Tensor | None] = [None] * len(wanted)
+        scratch: torch.Tensor | None = None
         for i, op in enumerate(plan.ops):
-            g = grad[:, op.out : op.out + plan.dim]
+            g = gs.vector(op, plan.dim)
             if op.mean:  # the autograd of ``pooled / divisor``
                 g = g / ctx.divisors[op.feature].unsqueeze(1)
-            targets = _slices(gx, op)
+            targets = gxs.of(op)
             if op.kind == "identity":
                 targets[0].copy_(g)
             elif op.kind == "add":
@@ -246,7 +299,8 @@ class _Assemble(torch.autograd.Function):
                     target.copy_(g[:, column : column + target.shape[1]])
                     column += target.shape[1]
             elif op.kind == "mult":  # the targets may be the parts themselves (reuse)
-                parts = _slices(x, op)
+                assert xs is not None
+                parts = xs.of(op)
                 if len(parts) == 2:  # QR: p1's gradient overwrites p1 once p0's is computed
                     left = g * parts[1]
                     torch.mul(g, parts[0], out=targets[1])
@@ -258,17 +312,49 @@ class _Assemble(torch.autograd.Function):
                 for target, has_weight in zip(targets, op.projected):
                     if not has_weight:
                         target.copy_(g)
+                if gs.lean and not any(op.projected):
+                    continue  # no product reads g
                 # Both products read g: materialise it once if BLAS cannot read it as it is (the
                 # expanded gradient of a plain ``sum``), instead of once inside each product.
-                projected_grads[i] = g if g.stride(1) == 1 and g.stride(0) >= g.shape[1] else g.contiguous()
-        wanted = ctx.needs_input_grad[4:]
-        grad_weights: list[torch.Tensor | None] = [None] * len(wanted)
+                readable = g.stride(1) == 1 and g.stride(0) >= g.shape[1]
+                if gs.lean:
+                    # Into one scratch buffer that every op reuses (it stays in cache, where a fresh
+                    # [B, D] tensor per op is written to cold memory), and the op's products run
+                    # now, while it is there. Same products of the same values: bitwise equal.
+                    if not readable:
+                        if scratch is None:
+                            scratch = torch.empty_like(g, memory_format=torch.contiguous_format)
+                        g = scratch.copy_(g)
+                    _project_backward(op, g, plan.projections_of[i], xs, gxs, weights, wanted, grad_weights)
+                    continue
+                projected_grads[i] = g if readable else g.contiguous()
         for i, j, w in plan.projections:  # the weight's gradient first: it reads the slot
+            if i not in projected_grads:
+                continue  # done above
+            assert xs is not None
             op = plan.ops[i]
             g = projected_grads[i]
-            grad_weights[w] = torch.mm(_slices(x, op)[j].t(), g) if wanted[w] else None
-            torch.mm(g, weights[w].t(), out=_slices(gx, op)[j])
+            grad_weights[w] = torch.mm(xs.slot(op, j).t(), g) if wanted[w] else None
+            torch.mm(g, weights[w].t(), out=gxs.slot(op, j))
         return (None, grad_pooled, None, None, *grad_weights)
+
+
+def _project_backward(
+    op: _Op,
+    g: torch.Tensor,
+    projections: list[tuple[int, int]],
+    xs: "_Views | None",
+    gxs: "_Views",
+    weights: list[torch.Tensor],
+    wanted: tuple[bool, ...],
+    grad_weights: list[torch.Tensor | None],
+) -> None:
+    """The products of one "project" op's backward: each projected slot's weight gradient (first:
+    it reads the slot, which may be TBE's output reused as its gradient) and the slot's gradient."""
+    assert xs is not None
+    for j, w in projections:
+        grad_weights[w] = torch.mm(xs.slot(op, j).t(), g) if wanted[w] else None
+        torch.mm(g, weights[w].t(), out=gxs.slot(op, j))
 
 
 def _mult_backward(g: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:

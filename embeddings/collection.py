@@ -51,6 +51,12 @@ class EmbeddingBagLookup(nn.Module):
     # (embeddings/assemble.py) when every layout declares its ``combine_form``; False: ``combine``
     # per feature and a concatenation (the reference, also whenever ``batch_transforms`` is off).
     fused_assemble: bool = True
+    # True: with bags of one id, the drops (``may_drop`` layouts) are compacted over the rows of all
+    # slots at once, in TBE order: one compare, one ``masked_select`` and one cumsum give TBE's
+    # indices and offsets (a bag keeps its one id or none). False: per transform group, with kept
+    # lengths per slot, their sums (a host sync), a split, a stack and a cumsum (the "before" of
+    # that change in benchmarks/NOTES.md, issue 3). The same indices and offsets either way.
+    unit_drops: bool = True
 
     def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
         """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
@@ -103,6 +109,18 @@ class EmbeddingBagLookup(nn.Module):
         )
         self._any_mean = any(f.pooling is Pooling.MEAN for f in features)
         self._groups = _batch_groups(list(self.layouts.values()))
+        # Runs [first, end) of TBE positions whose slot's layout never drops an id: ``unit_drops``
+        # keeps every row there, so a -1 from such a layout still reaches fbgemm's range check.
+        layouts_of_slots = zip(self.layouts.values(), self._feature_slots)
+        drops_at = [l.pooled_in_tbe and l.may_drop for l, slots in layouts_of_slots for _ in slots]
+        self._kept_runs: list[tuple[int, int]] = []
+        for position, s in enumerate(self._tbe_order):
+            if drops_at[s]:
+                continue
+            if self._kept_runs and self._kept_runs[-1][1] == position:
+                self._kept_runs[-1] = (self._kept_runs[-1][0], position + 1)
+            else:
+                self._kept_runs.append((position, position + 1))
         # False: every feature runs its own ``transform`` (the reference the batched path is
         # tested against, and the "before" of benchmarks).
         self.batch_transforms = True
@@ -205,49 +223,53 @@ class EmbeddingBagLookup(nn.Module):
         # (The shortcuts below are exact, but ``batch_transforms = False`` keeps the old code: it is
         # the reference the tests compare against.)
         fast = self.batch_transforms
-        dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths, unit=ones and fast)
-        rows_per_slot: list[torch.Tensor] = []
-        lengths_per_slot: list[torch.Tensor] = []
-        for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
-            if f in dropped:
-                kept_rows, kept_lengths = dropped[f]
-                rows_per_slot.extend(kept_rows)
-                lengths_per_slot.extend(kept_lengths)
-                continue
-            if self._folds[f]:  # one TBE slot (the first); the others get placeholders never read
-                k = len(feature_rows)
-                if self.batch_transforms:  # all k rows of each id in its bag: TBE pools the sum
-                    rows, slot_lengths = interleaved(feature_rows), feature_lengths.to(torch.int64) * k
-                else:  # the reference: slot p's B bags after slot p - 1's, combined below
-                    rows, slot_lengths = torch.cat(feature_rows), feature_lengths.to(torch.int64).repeat(k)
-                rows_per_slot.extend([rows] * k)
-                lengths_per_slot.extend([slot_lengths] * k)
-                continue
-            for rows in feature_rows:
-                if not layout.pooled_in_tbe:
-                    lengths_per_slot.append(torch.ones_like(rows))
-                else:
-                    lengths_per_slot.append(feature_lengths.to(torch.int64))
-                rows_per_slot.append(rows)
         order = self._tbe_order
-        bags = max([batch] + [l.numel() for l in lengths_per_slot])
-        # Bags of one id (Criteo) and no slot whose lengths were changed (drops, folds): every slot
-        # holds B bags of one row, so the offsets are 0..n (cached) instead of a stack and a cumsum
-        # over all slots.
-        unit_bags = fast and ones and not dropped and not any(self._folds)
-        if unit_bags:
-            offsets = self._unit_offsets(len(order) * batch, lengths.device)
+        if fast and ones and self.unit_drops and self._drops and not by_weight and not any(self._folds):
+            bags = batch
+            out = self._lookup_unit_drops(all_rows, batch)
         else:
-            if all(l.numel() == batch for l in lengths_per_slot):  # one stack instead of a copy per slot
-                padded = torch.stack([lengths_per_slot[s] for s in order])
+            dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths, unit=ones and fast)
+            rows_per_slot: list[torch.Tensor] = []
+            lengths_per_slot: list[torch.Tensor] = []
+            for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
+                if f in dropped:
+                    kept_rows, kept_lengths = dropped[f]
+                    rows_per_slot.extend(kept_rows)
+                    lengths_per_slot.extend(kept_lengths)
+                    continue
+                if self._folds[f]:  # one TBE slot (the first); the others get placeholders never read
+                    k = len(feature_rows)
+                    if self.batch_transforms:  # all k rows of each id in its bag: TBE pools the sum
+                        rows, slot_lengths = interleaved(feature_rows), feature_lengths.to(torch.int64) * k
+                    else:  # the reference: slot p's B bags after slot p - 1's, combined below
+                        rows, slot_lengths = torch.cat(feature_rows), feature_lengths.to(torch.int64).repeat(k)
+                    rows_per_slot.extend([rows] * k)
+                    lengths_per_slot.extend([slot_lengths] * k)
+                    continue
+                for rows in feature_rows:
+                    if not layout.pooled_in_tbe:
+                        lengths_per_slot.append(torch.ones_like(rows))
+                    else:
+                        lengths_per_slot.append(feature_lengths.to(torch.int64))
+                    rows_per_slot.append(rows)
+            bags = max([batch] + [l.numel() for l in lengths_per_slot])
+            # Bags of one id (Criteo) and no slot whose lengths were changed (drops, folds): every slot
+            # holds B bags of one row, so the offsets are 0..n (cached) instead of a stack and a cumsum
+            # over all slots.
+            unit_bags = fast and ones and not dropped and not any(self._folds)
+            if unit_bags:
+                offsets = self._unit_offsets(len(order) * batch, lengths.device)
             else:
-                padded = torch.zeros(len(order), bags, dtype=torch.int64, device=lengths.device)
-                for i, s in enumerate(order):
-                    padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
-            offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
-            torch.cumsum(padded.view(-1), 0, out=offsets[1:])
-        # With bags of one id every slot's lengths are >= 0 by construction (ones, or 0/1 kept).
-        out = self._lookup(torch.cat([rows_per_slot[s] for s in order]), offsets, by_weight, built=ones)
+                if all(l.numel() == batch for l in lengths_per_slot):  # one stack instead of a copy per slot
+                    padded = torch.stack([lengths_per_slot[s] for s in order])
+                else:
+                    padded = torch.zeros(len(order), bags, dtype=torch.int64, device=lengths.device)
+                    for i, s in enumerate(order):
+                        padded[i, : lengths_per_slot[s].numel()] = lengths_per_slot[s]
+                offsets = torch.zeros(padded.numel() + 1, dtype=torch.int64, device=lengths.device)
+                torch.cumsum(padded.view(-1), 0, out=offsets[1:])
+            # With bags of one id every slot's lengths are >= 0 by construction (ones, or 0/1 kept).
+            out = self._lookup(torch.cat([rows_per_slot[s] for s in order]), offsets, by_weight, built=ones)
         if fast and self._passthrough_by_weight and bags == batch:
             # Only its drops kept this collection off the fast path: every vector is its one slot's
             # TBE columns, in feature order, so TBE's output is the result (no split, no cat).
@@ -377,6 +399,22 @@ class EmbeddingBagLookup(nn.Module):
             for j, f in enumerate(group):
                 out[f] = ([kept_rows[s][j] for s in range(slots)], [kept_lengths[s, j] for s in range(slots)])
         return out
+
+    def _lookup_unit_drops(self, all_rows: list[list[torch.Tensor]], batch: int) -> torch.Tensor:
+        """The TBE call for bags of one id when some slots drop ids (-1 rows): every slot holds
+        ``batch`` rows (one per bag), so in TBE order the kept rows are one ``masked_select`` and
+        bag ``i``'s end is the number of kept rows up to it (one cumsum of the keep mask). Exactly
+        the indices and offsets of ``_drop_missing`` + the per-slot stack and cumsum."""
+        by_slot = [rows for feature_rows in all_rows for rows in feature_rows]
+        flat = joined([by_slot[s] for s in self._tbe_order])
+        keep = flat >= 0
+        for first, end in self._kept_runs:  # layouts that never drop: any -1 goes to fbgemm's check
+            keep[first * batch : end * batch] = True
+        indices = torch.masked_select(flat, keep)
+        offsets = torch.empty(flat.numel() + 1, dtype=torch.int64, device=flat.device)
+        offsets[0] = 0
+        torch.cumsum(keep, 0, dtype=torch.int64, out=offsets[1:])
+        return self._lookup(indices, offsets, False, built=True)
 
     @torch.no_grad()
     def lookup(self, name: str, ids: torch.Tensor) -> torch.Tensor:

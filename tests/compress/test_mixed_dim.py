@@ -616,3 +616,150 @@ def test_drop_rare_refuses_budgets_below_one_row_per_feature():
     full = sum((f.num_embeddings + 1) * DIM * 4 for f in feats)
     with pytest.raises(ValueError, match="rank array"):
         mixed_dim_methods_for_budget(feats, DIM, full // 100, drop_rare=True)
+
+
+# -- the CPU step's fast paths (benchmarks/NOTES.md, issue 3) against the paths they replace ---------
+def _single_block_collection() -> CompressedEmbeddingBagCollection:
+    """Single-block layouts with a remap (unsorted counts), with and without ``keep``, a
+    two-block one (its own transform group), and Full and Pruned features between them."""
+    from tablezip.compress import Pruned
+
+    rng = np.random.default_rng(11)
+    b_counts = rng.integers(0, 1000, 1000)
+    b_counts[0] = 5000  # id 0 kept: its row differs from the OOV one (-1), which negative ids read
+    feats = [
+        FeatureSpec("a", 300, counts=rng.integers(0, 1000, 300)),
+        FeatureSpec("full", 40),
+        FeatureSpec("b", 1000, counts=b_counts),
+        FeatureSpec("c", 77, counts=rng.integers(0, 1000, 77)),
+        FeatureSpec("pruned", 500),
+        FeatureSpec("d", 640, counts=rng.integers(0, 1000, 640)),
+        FeatureSpec("e", 250, counts=rng.integers(0, 1000, 250)),
+    ]
+    methods = {
+        "a": MixedDim(dims=(4,), keep=120),
+        "full": Full(),
+        "b": MixedDim(dims=(8,), keep=900),
+        "c": MixedDim(dims=(4,)),  # no keep: every rank has a row, OOV included (and no remap then)
+        "pruned": Pruned(keep=100, remap=False),
+        "d": MixedDim(dims=(DIM,), keep=200),  # D wide: no projection
+        "e": MixedDim(dims=(8, 4), sizes=(50, 200), keep=150),
+    }
+    return CompressedEmbeddingBagCollection(feats, DIM, methods, seed=3)
+
+
+def _switch(coll: CompressedEmbeddingBagCollection, on: bool) -> CompressedEmbeddingBagCollection:
+    from tablezip.compress.mixed_dim import MixedDimLayout
+    from tablezip.embeddings.assemble import plan_for
+
+    for layout in coll.layouts.values():
+        if isinstance(layout, MixedDimLayout):
+            layout.row_table = layout.single_block_test = on
+    coll.unit_drops = on
+    plan = plan_for(coll)
+    assert plan is not None
+    plan.lean_views = on and bool(plan.widths)
+    return coll
+
+
+def _ids(coll: CompressedEmbeddingBagCollection, count: int, seed: int) -> list[torch.Tensor]:
+    """In range, negative, past the id space and the int64 extremes."""
+    g = torch.Generator().manual_seed(seed)
+    extremes = torch.tensor([-(2**63), -1, 0, 2**31, 2**63 - 1])
+    out = []
+    for f in coll.features:
+        ids = torch.cat([torch.randint(-20, f.num_embeddings + 20, (count,), generator=g), extremes])
+        out.append(ids[torch.randperm(ids.numel(), generator=g)])
+    return out
+
+
+def test_row_table_and_single_block_test_give_the_reference_rows():
+    coll = _single_block_collection()
+    groups = sorted(len(g.features) for g in coll._groups if g.cls.__name__ == "MixedDimLayout")
+    assert groups == [1, 1, 3]  # a, b, d (one block, remap); c (one block, none); e (two blocks)
+    for seed in range(3):
+        ids = _ids(coll, 200, seed)
+        coll.batch_transforms = False
+        reference = coll.transform_ids(ids)
+        coll.batch_transforms = True
+        for on in (True, False):
+            _switch(coll, on)
+            for name, ref, got in zip(coll.feature_names, reference, coll.transform_ids(ids)):
+                assert len(ref) == len(got)
+                for a, b in zip(ref, got):
+                    assert b.dtype == torch.int64 and torch.equal(a, b), (name, on)
+
+
+def test_row_table_follows_remap_changes():
+    """The table is derived from the remaps (state: ``load_state_dict``, in-place writes): a
+    changed remap must rebuild it, never serve rows from the old one."""
+    coll = _single_block_collection()
+    ids = _ids(coll, 100, 0)
+    coll.transform_ids(ids)  # builds the table
+    state = coll.layouts["b"].state_dict()
+    state["remap"] = torch.cat([torch.roll(state["remap"][:-1], 7), state["remap"][-1:]])
+    coll.layouts["b"].load_state_dict(state)
+    with torch.no_grad():
+        coll.layouts["a"].remap[:10] = torch.flip(coll.layouts["a"].remap[:10], [0])
+    got = coll.transform_ids(ids)
+    coll.batch_transforms = False
+    reference = coll.transform_ids(ids)
+    for ref, new in zip(reference, got):
+        assert all(torch.equal(a, b) for a, b in zip(ref, new))
+
+
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_step_fast_paths_are_bitwise_the_old_paths(bags):
+    """Row table, single-block test, drops compacted over all slots at once (bags of one id) and
+    the assemble's hoisted views against a twin with all of them off: same outputs, projection
+    gradients, tables and optimizer state, bit for bit (the same float ops in the same order)."""
+    import copy
+
+    fast = _switch(_single_block_collection(), True)
+    slow = _switch(copy.deepcopy(fast), False)
+    names = fast.feature_names
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        if bags == "single":
+            lengths = torch.ones(len(names) * 32, dtype=torch.int64)
+        else:
+            lengths = torch.randint(0, 3, (len(names) * 32,), generator=g)
+        values = torch.randint(-5, 1100, (int(lengths.sum()),), generator=g)
+        kjt = KeyedJaggedTensor(keys=names, values=values, lengths=lengths)
+        weights = None
+        seen: dict[bool, list[torch.Tensor]] = {}
+        for model in (fast, slow):
+            for p in model.dense_parameters():
+                p.grad = None
+            out = model(kjt).values()
+            if weights is None:
+                weights = torch.randn(out.shape, generator=g)
+            loss = (out * weights).sum() if step % 2 == 0 else out.sum()  # dense and expanded gradients
+            loss.backward()
+            grads = [p.grad.clone() for p in model.dense_parameters() if p.grad is not None]
+            seen[model is fast] = [out.detach()] + grads
+        assert len(seen[True]) == len(seen[False]) > 1
+        assert all(torch.equal(a, b) for a, b in zip(seen[True], seen[False]))
+    for a, b in zip(fast.table_weights(), slow.table_weights()):
+        assert torch.equal(a, b)
+    states = [[t for per in m.tbe.split_optimizer_states() for t in per] for m in (fast, slow)]
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+
+
+def test_unit_drops_leave_rows_of_layouts_that_never_drop_to_fbgemm_check(monkeypatch):
+    """Compacting every slot at once must not hide a -1 from a layout that never drops (a bug):
+    fbgemm's forward kernel still sees it and refuses it."""
+    from tablezip.compress.full import FullLayout
+
+    coll = _single_block_collection()
+    names = coll.feature_names
+    ones = torch.ones(len(names) * 4, dtype=torch.int64)
+    kjt = KeyedJaggedTensor(keys=names, values=torch.arange(len(names) * 4) % 40, lengths=ones)
+    coll(kjt)  # fine
+
+    def minus_one(cls, layouts, batch):
+        return batch.split_slots([torch.full_like(batch.ids, -1)])
+
+    monkeypatch.setattr(FullLayout, "transform_batch", classmethod(minus_one))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        coll(kjt)

@@ -152,6 +152,29 @@ def test_fused_assemble_on_every_combine_at_once(bags, assembles):
     assert plan is not None and {op.kind for op in plan.ops} == {"identity", "mult", "add", "concat", "project"}
 
 
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_hoisted_views_are_bitwise_the_sliced_ones(bags, assembles):
+    """``AssemblePlan.lean_views`` (one split per tensor, no gradient copy for projection-free
+    "project" ops, one scratch buffer for unreadable gradients) against a slice per use and a
+    fresh copy per op: the same float ops on the same values, so equal bit for bit, with dense
+    and expanded gradients, MEAN pooling and every combine kind."""
+    lean = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=10)
+    sliced = copy.deepcopy(lean)
+    for coll, on in ((lean, True), (sliced, False)):
+        plan = plan_for(coll)
+        assert plan is not None and plan.lean_views
+        plan.lean_views = on
+    kjts = [
+        single_id_kjt(MIXED_NAMES, 32, 5000, seed)
+        if bags == "single"
+        else random_kjt(MIXED_NAMES, 32, 5000, max_len=3, seed=seed)
+        for seed in range(4)
+    ]
+    assert_same(train(lean, kjts), train(sliced, kjts), exact=True)
+    assert_same(state(lean), state(sliced), exact=True)
+    assert bool(assembles) == (bags == "single")
+
+
 def test_fused_assemble_is_bitwise_without_projections(assembles):
     methods = {n: m for n, m in MIXED_METHODS.items() if not isinstance(m, MixedDim)}
     features = [f for f in MIXED_FEATURES if f.name in methods]
