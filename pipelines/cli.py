@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -346,29 +345,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     return run_query(args)
 
 
-# torch's own switch (c10's CPU allocator): allocations of 2 MiB and more are 2 MiB-aligned and
-# madvise(MADV_HUGEPAGE)d. Read once, at torch's first allocation, so it must be set before torch
-# is imported.
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
-
-
-def use_huge_pages(command: str) -> bool:
-    """Turn on transparent huge pages for torch's large CPU tensors in a fresh CLI process.
-
-    Why: a batch's TBE output, gradients and assembled vectors are fresh tens-to-hundreds-of-MB
-    tensors every step, and on 4 KiB pages each one page-faults in again (~53,000 faults for the
-    218 MB forward output at B=32768, D=64); with 2 MiB pages Full's CPU forward there takes about
-    half the time (benchmarks/NOTES.md, "Huge pages"). Not for ``serve``: its tensors are small and a huge-page
-    fault may compact memory, which would show up in tail latency. A value the user set wins, and
-    nothing changes once torch is imported (the switch would be ignored). Returns whether it is on."""
-    if command != "serve" and "torch" not in sys.modules:
-        os.environ.setdefault(HUGE_PAGES_ENV, "1")
-    return os.environ.get(HUGE_PAGES_ENV) == "1"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    use_huge_pages(args.command)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # noise from torchrec imports
