@@ -11,9 +11,9 @@ Adagrad) are timed interleaved, forward (autograd on) and forward + backward + u
     flock /tmp/tablezip-bench.lock .venv/bin/python benchmarks/huge_pages.py
     .venv/bin/python benchmarks/huge_pages.py --quick      # B=4096 D=16, 2 rounds (*_quick)
 
-Writes results/huge_pages.{json,md} (``--name`` to change). `tablezip train`, `sweep`, `prepare`
-and `plan` turn the switch on themselves (pipelines/cli.py); library users set it in the
-environment of their training process.
+Writes results/huge_pages.{json,md} (``--name`` to change). This process holds one model per case;
+in a process holding many (the CPU grid) the switch made some steps 2-3x slower, so tablezip
+does not set it (benchmarks/NOTES.md, "Huge pages"): measure your own training process first.
 """
 from __future__ import annotations
 
