@@ -77,15 +77,15 @@ def method_path(server: str, kind: str, n: int) -> str:
 
 
 # -- servers (each in its own process) ----------------------------------------------------
-def run_tablezip(artifact: str, workers: int, ready: Any) -> None:
+def run_tablezip(artifact: str, workers: int, ready: Any, port: int = 0, reuse_port: bool = False) -> None:
     from tablezip.serving import Server, ServerConfig
 
-    server = Server(artifact, ServerConfig(port=0, max_workers=workers)).start()
+    server = Server(artifact, ServerConfig(port=port, max_workers=workers, reuse_port=reuse_port)).start()
     ready.put(server.port)
     server.wait()
 
 
-def run_ceiling(payloads: dict[str, bytes], workers: int, ready: Any) -> None:
+def run_ceiling(payloads: dict[str, bytes], workers: int, ready: Any, port: int = 0, reuse_port: bool = False) -> None:
     """A bare grpc server: same executor size and options as tablezip's, no request parsing,
     the pre-serialized answer returned as is."""
     import grpc
@@ -96,9 +96,10 @@ def run_ceiling(payloads: dict[str, bytes], workers: int, ready: Any) -> None:
     handlers = grpc.method_handlers_generic_handler(CEILING_SERVICE, {k: handler_for(v) for k, v in payloads.items()})
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), handlers=[handlers], maximum_concurrent_rpcs=256,
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)],
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", -1),
+                 ("grpc.so_reuseport", int(reuse_port))],
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     ready.put(port)
     server.wait_for_termination()
@@ -175,7 +176,9 @@ def markdown(records: Sequence[dict[str, Any]], args: argparse.Namespace) -> str
         f"at end {records[0].get('loadavg_end')}.",
         f"26 Criteo-sample features, Full tables; Lookup: ids of {LOOKUP_FEATURE} (37,883 rows); LookupBags: the ids "
         "one per bag over all 26 features. Closed-loop clients in separate processes, "
-        f"{args.repeats} alternating repeats of {args.seconds:g} s per case and server, medians reported; latency is "
+        f"{args.repeats} alternating repeats of {args.seconds:g} s per case and server, medians reported; "
+        f"{args.workers} request threads per server process, {args.processes} process(es) per server"
+        f"{' sharing its port (SO_REUSEPORT)' if args.processes > 1 else ''}; latency is "
         "client-side (request build to decoded numpy array). ratio = tablezip QPS / ceiling QPS. Server and clients "
         "share the machine's cores, and so does whatever else runs on it (see the load average).",
     ]
@@ -246,6 +249,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=0.4, help="timed duration of one repeat of a case")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats per case; medians are reported")
     p.add_argument("--workers", type=int, default=None, help="server thread pool size (both servers; default: the server's)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port (SO_REUSEPORT, ServerConfig.reuse_port), for both servers")
     p.add_argument("--quick", action="store_true", help="D=16, 16 and 512 ids, 1 and 4 clients, one 0.2 s repeat (results named *_quick)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -287,9 +292,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         for dim in args.dims:
             artifact = export_model(Path(tmp), dim)
             ready = ctx.Queue()
-            tz = ctx.Process(target=run_tablezip, args=(str(artifact), args.workers, ready), daemon=True)
-            tz.start()
+            # --processes N: N processes of each server share its port (the kernel spreads the
+            # clients' connections over them); the first binds a free port, the others join it.
+            reuse = args.processes > 1
+            servers = [ctx.Process(target=run_tablezip, args=(str(artifact), args.workers, ready, 0, reuse), daemon=True)]
+            servers[0].start()
             ports = {"tablezip": ready.get(timeout=120)}
+            for _ in range(args.processes - 1):
+                servers.append(ctx.Process(target=run_tablezip, args=(str(artifact), args.workers, ready, ports["tablezip"], reuse),
+                                           daemon=True))  # fmt: skip
+                servers[-1].start()
+                ready.get(timeout=120)
             # The ceiling answers with the exact bytes tablezip gives for each request.
             channel = grpc.insecure_channel(f"127.0.0.1:{ports['tablezip']}", options=[("grpc.max_receive_message_length", -1)])
             payloads = {}
@@ -300,9 +313,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                response_deserializer=response.FromString)  # fmt: skip
                     payloads[f"{kind}-{n}"] = call(request_for(kind, n)).SerializeToString()
             channel.close()
-            ce = ctx.Process(target=run_ceiling, args=(payloads, args.workers, ready), daemon=True)
-            ce.start()
-            ports["ceiling"] = ready.get(timeout=120)
+            for i in range(args.processes):
+                servers.append(ctx.Process(target=run_ceiling, args=(payloads, args.workers, ready, ports.get("ceiling", 0), reuse),
+                                           daemon=True))  # fmt: skip
+                servers[-1].start()
+                ports["ceiling"] = ready.get(timeout=120)
             for kind in args.rpcs:
                 for n in args.ids:
                     for c in args.clients:
@@ -321,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "workload": {"features": [list(f) for f in CRITEO_CARDINALITIES], "dim": dim, "ids": n,
                                              "rpc": kind, "response_bytes": len(payloads[f"{kind}-{n}"])},
                                 "case": case, "env": env, "grpcio": grpc.__version__, "seconds": args.seconds,
-                                "repeats": runs[server], "workers": args.workers, "rows_per_s": result["qps"] * n, **result,
+                                "repeats": runs[server], "workers": args.workers, "processes": args.processes, "rows_per_s": result["qps"] * n, **result,
                             })  # fmt: skip
-            for proc in (tz, ce):
+            for proc in servers:
                 proc.terminate()
                 proc.join()
     for commands, _ in pool:
@@ -336,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for record in records:
         record["loadavg_end"] = load_end
     table = markdown(records, args)
-    name = "serving_quick" if args.quick else "serving"
+    name = ("serving_quick" if args.quick else "serving") + (f"_{args.processes}proc" if args.processes > 1 else "")
     paths = write_results(name, records, table, plot(records, args), out_dir=args.out_dir)
     print()
     print(table)

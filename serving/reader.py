@@ -62,15 +62,23 @@ class TableRowReader:
             table = self.tables[0].detach()
             if table.dtype == torch.float32 and table.is_contiguous() and table.device.type == "cpu":
                 self.numpy_table = table.numpy()
+        # ``take(mode="clip")`` sends every id >= the last row to the last row: Full's OOV rule
+        # exactly when that row is the OOV row (row num_embeddings) and ids are not negative.
+        self.clip_is_oov = self.numpy_table is not None and self.numpy_table.shape[0] == self.num_embeddings + 1
 
-    def read_numpy(self, ids: np.ndarray) -> np.ndarray:
+    def read_numpy(self, ids: np.ndarray, nonnegative: bool = False) -> np.ndarray:
         """``ids`` (int64 numpy) -> [N, D] float32 numpy, the same bits as ``self(ids)``; only
         where ``numpy_table`` is set. Full's OOV rule in one op: viewed as uint64, a negative id
         is >= 2**63, so ``min(id, num_embeddings)`` sends it and every id >= num_embeddings to
-        the OOV row."""
+        the OOV row. With ``nonnegative`` (the caller has refused negative ids) and the OOV row
+        last in the table (Full's layout), the rule is ``take(mode="clip")`` itself: one numpy
+        call instead of three."""
         assert self.numpy_table is not None
-        rows = np.minimum(ids.view(np.uint64), self.num_embeddings).view(np.int64)
-        out = self.numpy_table.take(rows, axis=0)
+        if nonnegative and self.clip_is_oov:
+            out = self.numpy_table.take(ids, axis=0, mode="clip")
+        else:
+            rows = np.minimum(ids.view(np.uint64), self.num_embeddings).view(np.int64)
+            out = self.numpy_table.take(rows, axis=0)
         if self.zero_add[0]:
             with np.errstate(invalid="ignore"):  # a signaling NaN raises "invalid": expected here
                 out += 0.0  # TBE sums into zeros: -0.0 -> +0.0, signaling NaN -> quiet
@@ -333,7 +341,10 @@ def build_readers(module: torch.nn.Module, table_dtype: str) -> dict[str, Reader
         expected = module.lookup(feature.name, probe)
         got = fast(probe)
         if got.shape == expected.shape and got.dtype == expected.dtype and torch.equal(_bits(got), _bits(expected)):
-            if fast.numpy_table is not None and not torch.equal(_bits(torch.from_numpy(fast.read_numpy(probe.numpy()))), _bits(expected)):
+            if fast.numpy_table is not None and not all(
+                torch.equal(_bits(torch.from_numpy(fast.read_numpy(probe.numpy(), nonnegative=clip))), _bits(expected))
+                for clip in (False, True)  # the probe ids are non-negative: both OOV rules apply
+            ):
                 log.warning("feature %r: the numpy row reader differs from module.lookup; using the torch one", feature.name)
                 fast.numpy_table = None
             readers[feature.name] = fast

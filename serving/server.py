@@ -7,6 +7,14 @@ one client, 512-id payloads). ``torch.set_num_threads(1)`` by default: requests 
 intra-op threads would only contend with the handler threads for the same cores (Full features
 use no torch per request at all; on the model-forward path 1 and 2 threads measured the same).
 
+Several processes can share one port (``ServerConfig.reuse_port``, SO_REUSEPORT; each loads the
+model): the kernel assigns each client connection to one of them. In one process every request
+passes through one GIL, and under load each microsecond a handler holds it makes the other
+threads (grpc's poller, the other handlers) wait and wake more often; that hand-off, not the
+handler's own work, is most of what the server spends per request beyond a bare grpc server
+(benchmarks/NOTES.md, "Issue 5, 8 clients"). With 2 processes at 8 clients, tablezip served more
+requests per second than a bare grpc server in one process.
+
 Four request threads by default: handlers hold the GIL for most of their work, so more threads
 only add GIL hand-offs and context switches. On the 2-core machine 2 and 4 workers served as
 many requests as 8 or more (up to 1.3-1.5x at 4 clients), with up to ~20% less server CPU per
@@ -54,6 +62,10 @@ class ServerConfig:
     torch_threads: int | None = 1
     grace_seconds: float = 5.0
     metrics_port: int | None = None  # Prometheus text on http://host:metrics_port/metrics; None: off
+    # SO_REUSEPORT: several server processes (each with its own GIL and its own copy of the model)
+    # bind the same port and the kernel spreads connections over them. Off: a second server on a
+    # taken port fails instead of sharing it.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.max_workers < 1:
@@ -102,7 +114,7 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+                ("grpc.so_reuseport", int(config.reuse_port)),  # see ServerConfig.reuse_port
             ],
         )
         service = EmbeddingLookupService(self.holder, self.metrics, Limits(config.max_ids), allow_reload=bool(config.token))

@@ -25,8 +25,9 @@ from .v1 import lookup_pb2 as pb
 from .v1 import lookup_pb2_grpc as pb_grpc
 from .validation import (
     Limits, ServingError, check_bag_ids, check_features, check_ids, check_lengths, decode_ints, out_dtype,
+    packed_has_negative,
 )
-from .wire import vectors_response
+from .wire import framed, vectors_response
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,16 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
             raise ServingError(grpc.StatusCode.NOT_FOUND, f"unknown feature {request.feature!r}; the model has {list(model.feature_names)}")
         dtype = out_dtype(request.dtype)
         numpy_path = getattr(reader, "numpy_table", None) is not None
-        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids, copy=not numpy_path)
-        check_ids(ids, request.feature)
-        if numpy_path and ids.size <= CHUNK_IDS:  # the common case, kept to a handful of numpy calls
+        packed = request.ids_le  # each read of a bytes field copies it out of the message: read once
+        ids = decode_ints(request.ids, packed, what="ids", dtype="int64", limit=self.limits.max_ids, copy=not numpy_path)
+        if not packed or packed_has_negative(packed, 8):  # packed: no numpy call unless one is negative
+            check_ids(ids, request.feature)
+        if numpy_path and ids.size <= CHUNK_IDS:  # the common case: three numpy calls in all
             _check_deadline(context, "the lookup")
-            return _encode(reader.read_numpy(ids), dtype, model.checksum), ids.size
+            vectors = reader.read_numpy(ids, nonnegative=True)
+            if dtype is _F32:  # take's result is a fresh C-contiguous float32 array: no conversion call
+                return framed(vectors, pb.FLOAT32, model.checksum), ids.size
+            return _encode(vectors, dtype, model.checksum), ids.size
         if not ids.flags.writeable:
             ids = ids.copy()  # torch.from_numpy needs a writable array
         vectors = read_vectors(reader, ids, functools.partial(_check_deadline, context))
@@ -134,14 +140,16 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
         dtype = out_dtype(request.dtype)
         # Read-only views are enough: pool_bags hands torch only copies (concatenated ids, lengths
         # scattered into the model's feature order).
-        ids = decode_ints(request.ids, request.ids_le, what="ids", dtype="int64", limit=self.limits.max_ids, copy=False)
+        packed = request.ids_le  # read once: each read copies the bytes out of the message
+        ids = decode_ints(request.ids, packed, what="ids", dtype="int64", limit=self.limits.max_ids, copy=False)
         lengths = decode_ints(
             request.lengths, request.lengths_le, what="lengths", dtype="int32", limit=self.limits.max_ids,
             limit_name="--max-ids (one length per bag)", copy=False,
         )
         batch = check_lengths(lengths, len(positions), ids.size)
         lengths = lengths.reshape(len(positions), batch)
-        check_bag_ids(ids, lengths, request.features)
+        if not packed or packed_has_negative(packed, 8):  # as in Lookup: no numpy call unless one is negative
+            check_bag_ids(ids, lengths, request.features)
         pooled = pool_bags(model, positions, lengths, ids, functools.partial(_check_deadline, context))
         return _encode(pooled, dtype, model.checksum), ids.size
 

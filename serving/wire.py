@@ -59,5 +59,11 @@ def vectors_response(array: np.ndarray, dtype: int, checksum: str) -> bytes:
     float16 matching ``dtype``) and the answering model's checksum."""
     if not array.flags.c_contiguous:
         raise ValueError("array must be C-contiguous")
+    return framed(array, dtype, checksum)
+
+
+def framed(array: np.ndarray, dtype: int, checksum: str) -> bytes:
+    """``vectors_response`` without its contiguity check, for arrays fresh from a numpy call
+    that allocates a C-contiguous result (``take``)."""
     head, tail = _framing(array.shape, dtype, array.itemsize, checksum)
     return b"".join((head, array, tail))  # a C-contiguous array is a bytes-like object: one copy

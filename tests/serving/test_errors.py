@@ -87,11 +87,13 @@ def test_lookup_errors(stub, request_, code, message):
         (pb.LookupBagsRequest(features=["a", "b"], lengths=[2, -1], ids=[1]), Code.INVALID_ARGUMENT, "length -1 at position 1 is negative"),
         (pb.LookupBagsRequest(features=["a", "b"], lengths_le=lengths_le([1, 1]) + b"\x00", ids=[1, 2]), Code.INVALID_ARGUMENT, "not a multiple of 4"),
         (pb.LookupBagsRequest(features=["a", "c"], lengths=[1, 2], ids=[4, 5, -1]), Code.INVALID_ARGUMENT, "id -1 at position 1 of feature 'c' is negative"),
+        (pb.LookupBagsRequest(features=["a", "c"], lengths=[1, 2], ids_le=packed([4, -(2**40), 6])), Code.INVALID_ARGUMENT,
+         f"id {-(2**40)} at position 0 of feature 'c' is negative"),
         (pb.LookupBagsRequest(features=["a"], lengths=[0] * (MAX_IDS + 1)), Code.RESOURCE_EXHAUSTED, "1001 lengths exceed"),
         (pb.LookupBagsRequest(features=["a"], lengths=[MAX_IDS + 1], ids_le=packed(range(MAX_IDS + 1))), Code.RESOURCE_EXHAUSTED, "1001 ids"),
     ],
     ids=["unknown-feature", "no-features", "duplicate-feature", "lengths-not-F-times-B", "lengths-sum", "negative-length",
-         "ragged-packed-lengths", "negative-id", "max-bags", "max-ids"],  # fmt: skip
+         "ragged-packed-lengths", "negative-id", "negative-packed-id", "max-bags", "max-ids"],  # fmt: skip
 )
 def test_lookup_bags_errors(stub, request_, code, message):
     err = refused(stub.LookupBags, request_)
@@ -227,5 +229,34 @@ def test_concurrent_bad_and_good_requests(server, stub, model_a, connect):
 
 def test_a_taken_port_is_an_error_not_a_shared_port(server, model_a):
     second = Server(str(model_a[1]), ServerConfig(port=server.port))
+    with pytest.raises(OSError, match="cannot bind"):
+        second.start()
+
+
+def test_reuse_port_servers_share_one_port_and_both_answer(model_a, serve, connect):
+    """SO_REUSEPORT: two servers (as two processes would) bind one port; the kernel hands each new
+    connection to one of them, and both answer correctly."""
+    coll, path = model_a
+    first = serve(path, reuse_port=True)
+    second = Server(str(path), ServerConfig(port=first.port, reuse_port=True)).start()
+    try:
+        assert second.port == first.port
+        ids = {"a": [0, 7, 999, 1000, 10**9], "b": [0, 49, 50, 51, 10**9]}  # Hash, and Full (numpy path)
+        expected = {name: expected_lookup(coll, name, i).numpy() for name, i in ids.items()}
+        for _ in range(64):  # fresh connections until each server has answered one
+            client = connect(first.address)
+            for name in ids:
+                np.testing.assert_array_equal(client.lookup(name, ids[name]), expected[name])
+            client.close()
+            served = [s.metrics.snapshot().get("Lookup") for s in (first, second)]
+            if all(c is not None and c.requests for c in served):
+                break
+        assert all(c is not None and c.requests for c in served), "the kernel gave every connection to one server"
+    finally:
+        second.stop(grace=0)
+
+
+def test_reuse_port_does_not_share_with_a_server_without_it(server, model_a):
+    second = Server(str(model_a[1]), ServerConfig(port=server.port, reuse_port=True))
     with pytest.raises(OSError, match="cannot bind"):
         second.start()
