@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests in flight or queued before RESOURCE_EXHAUSTED (default 256)")
     sv.add_argument("--metrics-port", type=int, default=None,
                     help="serve Prometheus text on http://HOST:PORT/metrics (same host as --host; 0 picks a free port; default off)")
+    sv.add_argument("--reuse-port", action="store_true",
+                    help="share --port with other `tablezip serve --reuse-port` processes (SO_REUSEPORT): each loads the model, "
+                         "the kernel spreads connections over them; give each its own --metrics-port")
 
     q = sub.add_parser("query", help="query a running `tablezip serve`: vectors, --info, --stats, --health, --reload")
     q.add_argument("target", help="HOST:PORT of the server")
@@ -327,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, max_workers=args.workers, max_ids=args.max_ids,
         max_message_bytes=args.max_message_bytes, token=token_from_env(args.token), tls_cert=args.tls_cert,
         tls_key=args.tls_key, torch_threads=args.torch_threads, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, reuse_port=args.reuse_port,
     )
     logging.getLogger("tablezip.serving").setLevel(logging.INFO)
     try:

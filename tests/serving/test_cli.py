@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,3 +62,22 @@ def test_query_errors_are_messages(server, capsys):
 def test_serve_refuses_a_bad_artifact_with_a_message(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--port", "0"]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_serve_reuse_port_shares_the_port_of_a_running_server(model_a, serve, connect):
+    """`tablezip serve --reuse-port` in its own process binds the port a reuse_port server already
+    holds (without the flag it would exit with "cannot bind"), then answers from its own copy."""
+    coll, path = model_a
+    first = serve(path, reuse_port=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tablezip.pipelines.cli", "serve", str(path), "--port", str(first.port), "--reuse-port"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # the startup line, or the error
+        assert f"on 127.0.0.1:{first.port}" in line, line
+        first.stop(grace=0)  # from now on only the subprocess can answer on this port
+        client = connect(first.address)
+        np.testing.assert_array_equal(client.lookup("b", [3, 10**9]), expected_lookup(coll, "b", [3, 10**9]).numpy())
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
