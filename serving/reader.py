@@ -166,6 +166,21 @@ class NumpyBagPooler:
         if lengths.size == 0:
             return np.zeros((batch, num, dim), dtype=np.float32)
         plan = self._plan(positions)
+        flat = lengths.reshape(-1)
+        longest = int(flat.max())
+        if longest <= 1 and ids.size == flat.size and num > 1:
+            # Every bag holds one id (Criteo's layout): [F, B] ids viewed as [B, F] give the rows in
+            # answer order by broadcasting the per-feature constants, and one ``take`` returns
+            # [B, F, D]: no repeats of the constants and no transposing copy. Fewer numpy calls
+            # mean shorter GIL holds (benchmarks/NOTES.md, "Issue 5, 8 clients"). Same rows, same bits.
+            rows = np.minimum(ids.view(np.uint64).reshape(num, batch).T, plan.limit).view(np.int64)
+            rows += plan.row_start
+            out = self.table.take(rows, axis=0)
+            if plan.zero_add:
+                out += 0.0  # TBE's 0.0 + row
+            for i in plan.mean:  # a bag of one id: its row divided by 1, as Pooling.finish does
+                out[:, i] /= np.float32(1.0)
+            return out
         if num == 1:  # one feature: its constants are scalars
             limit, start = plan.limit[0], plan.row_start[0]
         else:  # each feature's ids are one run: repeat its constants over the run
@@ -173,8 +188,7 @@ class NumpyBagPooler:
             limit, start = np.repeat(plan.limit, counts), np.repeat(plan.row_start, counts)
         rows = np.minimum(ids.view(np.uint64), limit).view(np.int64)  # Full's OOV rule, as in read_numpy
         rows += start
-        flat = lengths.reshape(-1)
-        if flat.max() <= 1:  # bags of at most one id (Criteo's): the rows are the bags
+        if longest <= 1:  # bags of at most one id, some empty: the rows are the bags
             some_empty = rows.size != flat.size
             if some_empty:  # empty bags read row 0 here and are zeroed below
                 slots = np.zeros(flat.size, dtype=np.int64)
