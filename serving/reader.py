@@ -168,17 +168,26 @@ class NumpyBagPooler:
         plan = self._plan(positions)
         flat = lengths.reshape(-1)
         longest = int(flat.max())
-        if longest <= 1 and ids.size == flat.size and num > 1:
-            # Every bag holds one id (Criteo's layout): [F, B] ids viewed as [B, F] give the rows in
+        if longest <= 1 and num > 1:
+            # Bags of at most one id (Criteo's layout): [F, B] ids viewed as [B, F] give the rows in
             # answer order by broadcasting the per-feature constants, and one ``take`` returns
-            # [B, F, D]: no repeats of the constants and no transposing copy. Fewer numpy calls
-            # mean shorter GIL holds (benchmarks/NOTES.md, "Issue 5, 8 clients"). Same rows, same bits.
-            rows = np.minimum(ids.view(np.uint64).reshape(num, batch).T, plan.limit).view(np.int64)
+            # [B, F, D]: no repeats of the constants and no transposing copy. Empty bags first get
+            # id 0 (any valid row) and are zeroed after the gather. Fewer numpy calls mean shorter
+            # GIL holds (benchmarks/NOTES.md, "Issue 5, 8 clients"). Same rows, same bits.
+            some_empty = ids.size != flat.size
+            if some_empty:
+                slots = np.zeros(flat.size, dtype=np.uint64)
+                slots[flat == 1] = ids.view(np.uint64)
+            else:
+                slots = ids.view(np.uint64)
+            rows = np.minimum(slots.reshape(num, batch).T, plan.limit).view(np.int64)
             rows += plan.row_start
             out = self.table.take(rows, axis=0)
+            if some_empty:
+                out[lengths.T == 0] = 0.0
             if plan.zero_add:
                 out += 0.0  # TBE's 0.0 + row
-            for i in plan.mean:  # a bag of one id: its row divided by 1, as Pooling.finish does
+            for i in plan.mean:  # a bag of at most one id: divided by max(length, 1) = 1, as Pooling.finish does
                 out[:, i] /= np.float32(1.0)
             return out
         if num == 1:  # one feature: its constants are scalars

@@ -142,11 +142,12 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
         # scattered into the model's feature order).
         packed = request.ids_le  # read once: each read copies the bytes out of the message
         ids = decode_ints(request.ids, packed, what="ids", dtype="int64", limit=self.limits.max_ids, copy=False)
+        packed_lengths = request.lengths_le  # read once, as ids_le
         lengths = decode_ints(
-            request.lengths, request.lengths_le, what="lengths", dtype="int32", limit=self.limits.max_ids,
+            request.lengths, packed_lengths, what="lengths", dtype="int32", limit=self.limits.max_ids,
             limit_name="--max-ids (one length per bag)", copy=False,
         )
-        batch = check_lengths(lengths, len(positions), ids.size)
+        batch = check_lengths(lengths, len(positions), ids.size, packed_lengths)
         lengths = lengths.reshape(len(positions), batch)
         if not packed or packed_has_negative(packed, 8):  # as in Lookup: no numpy call unless one is negative
             check_bag_ids(ids, lengths, request.features)

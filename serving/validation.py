@@ -139,11 +139,13 @@ def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
     return positions
 
 
-def check_lengths(lengths: np.ndarray, num_features: int, num_ids: int) -> int:
-    """Validate KeyedJaggedTensor lengths (F*B, feature-major); returns B."""
+def check_lengths(lengths: np.ndarray, num_features: int, num_ids: int, packed: bytes = b"") -> int:
+    """Validate KeyedJaggedTensor lengths (F*B, feature-major); returns B. ``packed``: the request's
+    packed little-endian int32 lengths, when they came that way: their sign bytes are checked
+    without a numpy call (``packed_has_negative``)."""
     if lengths.size % num_features:
         raise invalid(f"{lengths.size} lengths for {num_features} features: expected a multiple of {num_features} (F*B)")
-    if lengths.size and lengths.min() < 0:
+    if lengths.size and (not packed or packed_has_negative(packed, 4)) and lengths.min() < 0:
         where = int(np.flatnonzero(lengths < 0)[0])
         raise invalid(f"length {int(lengths[where])} at position {where} is negative")
     total = int(lengths.sum(dtype=np.int64))

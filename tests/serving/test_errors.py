@@ -86,6 +86,7 @@ def test_lookup_errors(stub, request_, code, message):
         (pb.LookupBagsRequest(features=["a", "b"], lengths=[2, 1], ids=[1, 2]), Code.INVALID_ARGUMENT, "lengths sum to 3 but 2 ids"),
         (pb.LookupBagsRequest(features=["a", "b"], lengths=[2, -1], ids=[1]), Code.INVALID_ARGUMENT, "length -1 at position 1 is negative"),
         (pb.LookupBagsRequest(features=["a", "b"], lengths_le=lengths_le([1, 1]) + b"\x00", ids=[1, 2]), Code.INVALID_ARGUMENT, "not a multiple of 4"),
+        (pb.LookupBagsRequest(features=["a", "b"], lengths_le=lengths_le([2, -1]), ids=[1]), Code.INVALID_ARGUMENT, "length -1 at position 1 is negative"),
         (pb.LookupBagsRequest(features=["a", "c"], lengths=[1, 2], ids=[4, 5, -1]), Code.INVALID_ARGUMENT, "id -1 at position 1 of feature 'c' is negative"),
         (pb.LookupBagsRequest(features=["a", "c"], lengths=[1, 2], ids_le=packed([4, -(2**40), 6])), Code.INVALID_ARGUMENT,
          f"id {-(2**40)} at position 0 of feature 'c' is negative"),
@@ -93,7 +94,7 @@ def test_lookup_errors(stub, request_, code, message):
         (pb.LookupBagsRequest(features=["a"], lengths=[MAX_IDS + 1], ids_le=packed(range(MAX_IDS + 1))), Code.RESOURCE_EXHAUSTED, "1001 ids"),
     ],
     ids=["unknown-feature", "no-features", "duplicate-feature", "lengths-not-F-times-B", "lengths-sum", "negative-length",
-         "ragged-packed-lengths", "negative-id", "negative-packed-id", "max-bags", "max-ids"],  # fmt: skip
+         "ragged-packed-lengths", "negative-packed-length", "negative-id", "negative-packed-id", "max-bags", "max-ids"],  # fmt: skip
 )
 def test_lookup_bags_errors(stub, request_, code, message):
     err = refused(stub.LookupBags, request_)
