@@ -137,7 +137,7 @@ class NumpyBagPooler:
         self._plans: dict[tuple[int, ...], _Plan] = {}
 
     def covers(self, positions: Sequence[int]) -> bool:
-        return bool(self.covered[positions].all())
+        return self._plan(positions).covered
 
     def _plan(self, positions: Sequence[int]) -> "_Plan":
         """Per-feature constants of a request's features, computed once per feature list: clients
@@ -147,7 +147,7 @@ class NumpyBagPooler:
         if plan is None:
             pos = np.asarray(key, dtype=np.int64)
             plan = _Plan(self.limit[pos], self.row_start[pos], bool(self.zero_add[pos].any()),
-                         [int(i) for i in np.flatnonzero(self.mean[pos])])  # fmt: skip
+                         [int(i) for i in np.flatnonzero(self.mean[pos])], bool(self.covered[pos].all()))  # fmt: skip
             if len(self._plans) >= 1024:  # bounded: feature lists come from clients
                 self._plans.clear()
             self._plans[key] = plan
@@ -224,6 +224,7 @@ class _Plan:
     row_start: np.ndarray  # int64 first row of each feature in the pooler's table view
     zero_add: bool  # some feature's table needs TBE's "0.0 + row" (see _needs_zero_add)
     mean: list[int]  # request indices of the mean-pooled features
+    covered: bool  # every requested feature can be pooled here
 
 
 def _bag_sums(table: np.ndarray, rows: np.ndarray, lengths: np.ndarray, max_steps: int = 64) -> np.ndarray:
