@@ -71,9 +71,10 @@ def kjt_of(names: list[str], ids: torch.Tensor) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=names, values=ids.reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.long, device=ids.device))
 
 
-def train(model: Model, data, names: list[str], replica: Replica) -> tuple[list[float], list[float]]:
+def train(model: Model, data, names: list[str], replica: Replica) -> tuple[list[float], list[float], torch.optim.Optimizer]:
     """The training loop's replicated step (pipelines/train.py ``_replicated_step``) or, with one
-    replica, the plain full-batch step; returns the per-step wall times and global-batch losses."""
+    replica, the plain full-batch step; returns the per-step wall times, the global-batch losses and
+    the dense optimizer (its state is part of the digest)."""
     optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     tables = ReplicatedTables(model.embeddings, replica) if replica.distributed else None
@@ -94,8 +95,7 @@ def train(model: Model, data, names: list[str], replica: Replica) -> tuple[list[
         if ids.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    model._optimizer = optimizer  # for the digest
-    return times, losses
+    return times, losses, optimizer
 
 
 def worker(rank: int, world: int, args: argparse.Namespace, port: int, out: Any) -> None:
@@ -109,10 +109,10 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out: Any)
     names = [f.name for f in features]
     model = Model(features, args.dim, device)
     start = replica_digests(state_digest(model_state(model)))
-    times, losses = train(model, batches(features, args.batch, args.steps, device), names, Replica(rank, world))
-    digests = replica_digests(state_digest(model_state(model, model._optimizer)))
+    times, losses, optimizer = train(model, batches(features, args.batch, args.steps, device), names, Replica(rank, world))
+    digests = replica_digests(state_digest(model_state(model, optimizer)))
     if rank == 0:
-        state = {k: v.detach().cpu().numpy() for k, v in model_state(model, model._optimizer)}
+        state = {k: v.detach().cpu().numpy() for k, v in model_state(model, optimizer)}
         np.savez(out / "replica_state.npz", **state)  # scratch file inside --out (no pickle), read back below
         (out / "replica.json").write_text(json.dumps({"start_digests": start, "end_digests": digests, "step_s": times, "losses": losses}))
     dist.destroy_process_group()
@@ -147,8 +147,8 @@ def main() -> None:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     features = [FeatureSpec(f"f{i}", args.rows) for i in range(args.tables)]
     model = Model(features, args.dim, device)
-    single_times, single_losses = train(model, batches(features, args.batch, args.steps, device), [f.name for f in features], Replica())
-    single = {k: v.detach().cpu() for k, v in model_state(model, model._optimizer)}
+    single_times, single_losses, single_optimizer = train(model, batches(features, args.batch, args.steps, device), [f.name for f in features], Replica())
+    single = {k: v.detach().cpu() for k, v in model_state(model, single_optimizer)}
     diffs = {k: float((single[k].float() - replica_state[k].float()).abs().max()) for k in single if single[k].numel()}
     table_keys = [k for k in diffs if k.startswith("embeddings.")]
     # Rowwise Adagrad divides a row's gradient by its own RMS, so a row whose gradient is ~0 moves

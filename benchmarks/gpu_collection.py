@@ -38,7 +38,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import env_info, time_cuda_fn, time_fn  # noqa: E402
+from harness import add_gpu_workload_args, env_info, time_cuda_fn, time_fn  # noqa: E402
 
 from tablezip.compress import fused_ids, fused_lookup  # noqa: E402
 from tablezip.compress.multihash import MultiHashLayout  # noqa: E402
@@ -111,6 +111,18 @@ def paired_ratio(device: torch.device, reference, fn, repeats: int = 15) -> floa
     return float(statistics.median(ratios))
 
 
+def transforms_forward(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor, batched: bool):
+    """The collection's forward with batched id transforms on or off (off: each feature's own
+    transform, the path before issue 6), restored afterwards."""
+    def run() -> torch.Tensor:
+        coll.batch_transforms = batched
+        try:
+            return coll(kjt).values()
+        finally:
+            coll.batch_transforms = True
+    return run
+
+
 class FullReference:
     """Full's collection on the same ids, kept for the whole run: every default path is timed in
     pairs against it (``paired_ratio``), forward and training step."""
@@ -178,12 +190,7 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
                     opt.zero_grad(set_to_none=True)
             return step
 
-        def per_feature_forward() -> torch.Tensor:
-            coll.batch_transforms = False
-            try:
-                return coll(kjt).values()
-            finally:
-                coll.batch_transforms = True
+        per_feature_forward = transforms_forward(coll, kjt, batched=False)
 
         def configured(fused: bool, by_weight: bool):
             """The batched forward with the fused kernels on or off and drops by weight or not."""
@@ -255,13 +262,7 @@ def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTen
     coll = CompressedEmbeddingBagCollection(features, dim, methods, device=device)
 
     def forward(batched: bool):
-        def run() -> torch.Tensor:
-            coll.batch_transforms = batched
-            try:
-                return coll(kjt).values()
-            finally:
-                coll.batch_transforms = True
-        return run
+        return transforms_forward(coll, kjt, batched)
 
     def switched(switch, value: str):
         def run() -> torch.Tensor:
@@ -446,15 +447,10 @@ def bag_sweep(device: torch.device, tables: int, rows: int, dim: int, batch: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=65536)
+    add_gpu_workload_args(parser, "cuda, or cpu for a smoke test of this script (no parity, no bandwidth)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--bag-lens", default="1,4,16,32", help="Full's bandwidth sweep over ids per bag ('' to skip)")
     parser.add_argument("--sweep-batch", type=int, default=16384, help="bags per table in the bandwidth sweep")
-    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of this script (no parity, no bandwidth)")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"

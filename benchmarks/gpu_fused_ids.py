@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import import_without_fbgemm, time_cuda_fn  # noqa: E402
+from harness import add_gpu_workload_args, import_without_fbgemm, time_cuda_fn  # noqa: E402
 
 import_without_fbgemm()
 from tablezip.compress import (  # noqa: E402
@@ -174,12 +174,7 @@ def mixed_case(device: torch.device, batch: int) -> tuple[list[FeatureSpec], dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=65536)
-    parser.add_argument("--device", default="cuda")
+    add_gpu_workload_args(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     import triton

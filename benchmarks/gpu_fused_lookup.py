@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import import_without_fbgemm, time_cuda_fn, time_fn  # noqa: E402
+from harness import add_gpu_workload_args, import_without_fbgemm, time_cuda_fn, time_fn  # noqa: E402
 
 import_without_fbgemm()
 from tablezip.compress import fused_lookup as fl  # noqa: E402
@@ -213,12 +213,7 @@ def reference(values: torch.Tensor, offsets: torch.Tensor, batch: int, dim: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tables", type=int, default=26)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=65536)
-    parser.add_argument("--device", default="cuda")
+    add_gpu_workload_args(parser)
     parser.add_argument("--cases", default="full,qr-mult,qr-add,qr-concat,kway3-mult,multihash2," + ",".join(MD_CASES))
     parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the QR block-size sweep")
     args = parser.parse_args()

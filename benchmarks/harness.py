@@ -7,6 +7,7 @@ compared without re-reading each script.
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib
 import json
@@ -84,6 +85,17 @@ class Workload:
                 ids = rng.permutation(n)[ranks]
             out[name] = torch.from_numpy(ids.astype(np.int64))
         return out
+
+
+def add_gpu_workload_args(parser: "argparse.ArgumentParser", device_help: str | None = None) -> None:
+    """The GPU scripts' shared options: where results go and the workload's shape (26 tables of
+    1M rows, D=64, B=65536 by default: the design's GPU case), on ``--device`` (cuda)."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tables", type=int, default=26)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--device", default="cuda", help=device_help)
 
 
 def import_without_fbgemm() -> None:

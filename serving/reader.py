@@ -167,8 +167,7 @@ class NumpyBagPooler:
             return np.zeros((batch, num, dim), dtype=np.float32)
         plan = self._plan(positions)
         flat = lengths.reshape(-1)
-        longest = int(flat.max())
-        if longest <= 1 and num > 1:
+        if flat.max() <= 1:
             # Bags of at most one id (Criteo's layout): [F, B] ids viewed as [B, F] give the rows in
             # answer order by broadcasting the per-feature constants, and one ``take`` returns
             # [B, F, D]: no repeats of the constants and no transposing copy. Empty bags first get
@@ -180,36 +179,17 @@ class NumpyBagPooler:
                 slots[flat == 1] = ids.view(np.uint64)
             else:
                 slots = ids.view(np.uint64)
-            rows = np.minimum(slots.reshape(num, batch).T, plan.limit).view(np.int64)
+            rows = np.minimum(slots.reshape(num, batch).T, plan.limit).view(np.int64)  # Full's OOV rule
             rows += plan.row_start
             out = self.table.take(rows, axis=0)
             if some_empty:
                 out[lengths.T == 0] = 0.0
             if plan.zero_add:
                 out += 0.0  # TBE's 0.0 + row
-            for i in plan.mean:  # a bag of at most one id: divided by max(length, 1) = 1, as Pooling.finish does
-                out[:, i] /= np.float32(1.0)
-            return out
-        if num == 1:  # one feature: its constants are scalars
-            limit, start = plan.limit[0], plan.row_start[0]
         else:  # each feature's ids are one run: repeat its constants over the run
             counts = lengths.sum(axis=1, dtype=np.int64)
-            limit, start = np.repeat(plan.limit, counts), np.repeat(plan.row_start, counts)
-        rows = np.minimum(ids.view(np.uint64), limit).view(np.int64)  # Full's OOV rule, as in read_numpy
-        rows += start
-        if longest <= 1:  # bags of at most one id, some empty: the rows are the bags
-            some_empty = rows.size != flat.size
-            if some_empty:  # empty bags read row 0 here and are zeroed below
-                slots = np.zeros(flat.size, dtype=np.int64)
-                slots[flat == 1] = rows
-                rows = slots
-            # Gathered in answer order ([B, F_req]), so the answer needs no transposing copy.
-            out = self.table.take(rows.reshape(num, batch).T.ravel(), axis=0).reshape(batch, num, dim)
-            if some_empty:
-                out[lengths.T == 0] = 0.0
-            if plan.zero_add:
-                out += 0.0  # TBE's 0.0 + row
-        else:
+            rows = np.minimum(ids.view(np.uint64), np.repeat(plan.limit, counts)).view(np.int64)  # as in read_numpy
+            rows += np.repeat(plan.row_start, counts)
             out = _bag_sums(self.table, rows, flat).reshape(num, batch, dim).transpose(1, 0, 2)
         for i in plan.mean:
             out[:, i] /= np.maximum(lengths[i], 1).astype(np.float32)[:, None]

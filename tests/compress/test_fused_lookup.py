@@ -116,16 +116,22 @@ def test_one_id_bags_are_bit_identical_for_every_op(interpreted, monkeypatch):
     assert len(calls) == 3
 
 
-@needs_triton
-def test_longer_and_empty_bags_are_allclose(interpreted):
-    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=2)
-    kjt = random_kjt(NAMES, 45, 6000, max_len=6, seed=3, id_low=-10)
+def assert_longer_and_empty_bags_allclose(features, names, methods, seed: int, kjt_seed: int) -> None:
+    """Bags of up to 6 ids (negative ones included) and empty bags: allclose to the TBE path (ids
+    summed in another order), and every empty bag reads exactly zero."""
+    coll = CompressedEmbeddingBagCollection(features, DIM, methods, seed=seed)
+    kjt = random_kjt(names, 45, 6000, max_len=6, seed=kjt_seed, id_low=-10)
     reference, fused = both(coll, kjt)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
-    empty = kjt.lengths().view(len(NAMES), 45) == 0
+    empty = kjt.lengths().view(len(names), 45) == 0
     assert empty.any()
-    for f in range(len(NAMES)):
+    for f in range(len(names)):
         assert torch.all(fused[empty[f], f * DIM : (f + 1) * DIM] == 0)
+
+
+@needs_triton
+def test_longer_and_empty_bags_are_allclose(interpreted):
+    assert_longer_and_empty_bags_allclose(FEATURES, NAMES, METHODS, seed=2, kjt_seed=3)
 
 
 @needs_triton
@@ -195,14 +201,7 @@ def test_multihash_one_id_bags_are_bit_identical(interpreted, monkeypatch):
 
 @needs_triton
 def test_multihash_longer_and_empty_bags_are_allclose(interpreted):
-    coll = CompressedEmbeddingBagCollection(MH_FEATURES, DIM, MH_METHODS, seed=5)
-    kjt = random_kjt(MH_NAMES, 45, 6000, max_len=6, seed=6, id_low=-10)
-    reference, fused = both(coll, kjt)
-    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-7)
-    empty = kjt.lengths().view(len(MH_NAMES), 45) == 0
-    assert empty.any()
-    for f in range(len(MH_NAMES)):
-        assert torch.all(fused[empty[f], f * DIM : (f + 1) * DIM] == 0)
+    assert_longer_and_empty_bags_allclose(MH_FEATURES, MH_NAMES, MH_METHODS, seed=5, kjt_seed=6)
 
 
 # -- MixedDim: frequency blocks of their own width, projected to D -------------------------

@@ -133,18 +133,23 @@ def test_fused_assemble_equals_per_feature_combine(kind, bags, assembles):
         assert assembles, "the fused assemble should have run"
 
 
+def mixed_kjts(bags: str) -> list[KeyedJaggedTensor]:
+    """Four batches of the mixed collection's features: bags of one id ("single") or up to 3."""
+    return [
+        single_id_kjt(MIXED_NAMES, 32, 5000, seed)
+        if bags == "single"
+        else random_kjt(MIXED_NAMES, 32, 5000, max_len=3, seed=seed)
+        for seed in range(4)
+    ]
+
+
 @pytest.mark.parametrize("bags", ["single", "random"])
 def test_fused_assemble_on_every_combine_at_once(bags, assembles):
     """Products of 2 and 3 slots, sums, concatenation, projections with a D-wide block, drops
     (MixedDim keep, Pruned zero) and MEAN pooling in one collection."""
     coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=4)
     fused, reference = twins(coll)
-    kjts = [
-        single_id_kjt(MIXED_NAMES, 32, 5000, seed)
-        if bags == "single"
-        else random_kjt(MIXED_NAMES, 32, 5000, max_len=3, seed=seed)
-        for seed in range(4)
-    ]
+    kjts = mixed_kjts(bags)
     assert_same(train(fused, kjts), train(reference, kjts), exact=False)
     assert_same(state(fused), state(reference), exact=False)
     assert bool(assembles) == (bags == "single")  # QR's products need bags of one id to fuse
@@ -164,12 +169,7 @@ def test_hoisted_views_are_bitwise_the_sliced_ones(bags, assembles):
         plan = plan_for(coll)
         assert plan is not None and plan.lean_views
         plan.lean_views = on
-    kjts = [
-        single_id_kjt(MIXED_NAMES, 32, 5000, seed)
-        if bags == "single"
-        else random_kjt(MIXED_NAMES, 32, 5000, max_len=3, seed=seed)
-        for seed in range(4)
-    ]
+    kjts = mixed_kjts(bags)
     assert_same(train(lean, kjts), train(sliced, kjts), exact=True)
     assert_same(state(lean), state(sliced), exact=True)
     assert bool(assembles) == (bags == "single")

@@ -3,15 +3,13 @@ MLflow registry (in a temp dir), served over gRPC with the registry reached thro
 ``--tracking-uri`` alone."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tablezip.embeddings import ArtifactError
-from tablezip.serving import Server, ServerConfig
 from tablezip.serving.model import load_model
 
-from .conftest import IDS_OOV, expected_lookup, trained_collection
-from .test_reload import manifest_sha
+from .conftest import IDS_OOV, trained_collection
+from .test_reload import serves_from_mlflow
 
 
 def test_serves_a_registered_model_version(tmp_path, connect, monkeypatch, mlflow_store):
@@ -29,15 +27,7 @@ def test_serves_a_registered_model_version(tmp_path, connect, monkeypatch, mlflo
     assert str(version.version) == "1"
     registry.set_registered_model_alias("ctr-embeddings", "prod", "1")
 
-    source = "models:/ctr-embeddings/1"
-    server = Server(source, ServerConfig(port=0), tracking_uri=uri).start()
-    try:
-        client = connect(server)
-        info = client.model_info()
-        assert info["source"] == source and info["checksum"] == manifest_sha(run_dir / "embeddings")
-        np.testing.assert_array_equal(client.lookup("b", IDS_OOV), expected_lookup(coll, "b", IDS_OOV).numpy())
-    finally:
-        server.stop(grace=0)
+    info = serves_from_mlflow("models:/ctr-embeddings/1", uri, coll, run_dir, IDS_OOV, connect)
     # The other registry spellings resolve to the same artifact.
     for other in ("models:/ctr-embeddings@prod", "models:/ctr-embeddings/latest", "models:/ctr-embeddings/1/embeddings"):
         assert load_model(other, uri).checksum == info["checksum"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.serving import Client
+from tablezip.serving import Client, Server, ServerConfig
 
 from .conftest import DIM, NAMES, TOKEN, expected_lookup, trained_collection
 from .conftest import IDS_OOV as IDS
@@ -28,6 +28,20 @@ from .conftest import IDS_OOV as IDS
 
 def manifest_sha(directory: Path) -> str:
     return hashlib.sha256((directory / "manifest.json").read_bytes()).hexdigest()
+
+
+def serves_from_mlflow(source: str, uri: str, coll, run_dir: Path, ids: list[int], connect) -> dict:
+    """Start a server on an MLflow source, check that it reports that source and the artifact
+    exported to ``run_dir/embeddings`` and answers ``coll``'s vectors for ``ids``; its model info."""
+    server = Server(source, ServerConfig(port=0), tracking_uri=uri).start()
+    try:
+        client = connect(server)
+        info = client.model_info()
+        assert info["source"] == source and info["checksum"] == manifest_sha(run_dir / "embeddings")
+        np.testing.assert_array_equal(client.lookup("b", ids), expected_lookup(coll, "b", ids).numpy())
+    finally:
+        server.stop(grace=0)
+    return info
 
 
 def test_reload_under_load_never_fails_or_mixes_models(model_a, model_b, serve, connect):
@@ -193,16 +207,7 @@ def test_serves_an_artifact_logged_to_mlflow(tmp_path, serve, connect, mlflow_st
     client_mlflow.log_artifacts(run.info.run_id, str(run_dir), artifact_path="model")
     client_mlflow.set_terminated(run.info.run_id)
 
-    from tablezip.serving import Server, ServerConfig
-
     for source in (f"runs:/{run.info.run_id}/model/embeddings", f"runs:/{run.info.run_id}/model"):
-        server = Server(source, ServerConfig(port=0), tracking_uri=uri).start()
-        try:
-            client = connect(server)
-            info = client.model_info()
-            assert info["source"] == source and info["checksum"] == manifest_sha(run_dir / "embeddings")
-            np.testing.assert_array_equal(client.lookup("b", IDS), expected_lookup(coll, "b", IDS).numpy())
-        finally:
-            server.stop(grace=0)
+        serves_from_mlflow(source, uri, coll, run_dir, IDS, connect)
     with pytest.raises(ValueError, match="cannot download from MLflow"):
         Server("runs:/0123456789abcdef/model", ServerConfig(port=0), tracking_uri=uri)
