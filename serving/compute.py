@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .model import LoadedModel
 from .reader import Reader
+from .validation import BagLayout
 
 CHUNK_IDS = 1 << 16
 
@@ -60,14 +61,17 @@ def bag_chunks(lengths: np.ndarray, chunk: int = CHUNK_IDS) -> list[tuple[int, i
 
 
 def pool_bags(
-    model: LoadedModel, positions: list[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS
+    model: LoadedModel, positions: list[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS,
+    layout: BagLayout | None = None,
 ) -> torch.Tensor | np.ndarray:
     """[B, F_req, D] pooled vectors: the model's own forward, or ``model.bag_pooler`` (numpy,
     checked against that forward at load) when it covers every requested feature.
 
     ``lengths`` is [F_req, B] for the requested features (model positions ``positions``), ``ids``
     their ids feature-major. The model sees its features in its own order, the unrequested ones
-    with empty bags; the answer holds the requested columns in request order."""
+    with empty bags; the answer holds the requested columns in request order. ``layout``: the
+    request's cached shape (``lengths`` is its ``lengths``), which lets the pooler reuse its
+    per-shape work."""
     num, batch = len(model.feature_names), lengths.shape[1]
     if batch == 0:
         check("the lookup")
@@ -75,7 +79,7 @@ def pool_bags(
     pooler = model.bag_pooler
     if pooler is not None and pooler.covers(positions) and ids.size + batch <= chunk:
         check("the lookup")  # the common case: one chunk, no copies of the ids
-        return pooler.pool(positions, lengths, ids)
+        return pooler.pool(positions, lengths, ids, layout)
     # Offsets of every (feature, bag) into ids: feature f's ids of bags [a, b) are ids[offsets[f, a]:offsets[f, b]].
     offsets = np.zeros((len(positions), batch + 1), dtype=np.int64)
     np.cumsum(lengths, axis=1, out=offsets[:, 1:])

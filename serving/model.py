@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +27,7 @@ from tablezip.embeddings import ArtifactError, load_inference, read_manifest
 from tablezip.embeddings.artifact import MANIFEST_FILE, tablezip_version
 
 from .reader import NumpyBagPooler, Reader, build_bag_pooler, build_readers
+from .validation import LayoutCache
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class LoadedModel:
     generation: int = 1
     # LookupBags without the model's forward, for the features it covers (see NumpyBagPooler).
     bag_pooler: NumpyBagPooler | None = None
+    # Validated LookupBags request shapes and the pooler's per-shape plans; per model, so a reload
+    # starts empty and no plan meets a pooler it was not made by.
+    bag_layouts: LayoutCache = field(default_factory=LayoutCache)
 
     @property
     def dtype(self) -> str:

@@ -24,7 +24,7 @@ from .model import LoadedModel, ModelHolder, server_version
 from .v1 import lookup_pb2 as pb
 from .v1 import lookup_pb2_grpc as pb_grpc
 from .validation import (
-    Limits, ServingError, check_bag_ids, check_features, check_ids, check_lengths, decode_ints, out_dtype,
+    Limits, ServingError, check_bag_ids, check_features, check_ids, decode_ints, out_dtype,
     packed_has_negative,
 )
 from .wire import framed, vectors_response
@@ -142,16 +142,11 @@ class EmbeddingLookupService(pb_grpc.EmbeddingLookupServicer):
         # scattered into the model's feature order).
         packed = request.ids_le  # read once: each read copies the bytes out of the message
         ids = decode_ints(request.ids, packed, what="ids", dtype="int64", limit=self.limits.max_ids, copy=False)
-        packed_lengths = request.lengths_le  # read once, as ids_le
-        lengths = decode_ints(
-            request.lengths, packed_lengths, what="lengths", dtype="int32", limit=self.limits.max_ids,
-            limit_name="--max-ids (one length per bag)", copy=False,
-        )
-        batch = check_lengths(lengths, len(positions), ids.size, packed_lengths)
-        lengths = lengths.reshape(len(positions), batch)
+        # read lengths_le once, as ids_le; a request shape seen before is not validated again
+        layout = model.bag_layouts.layout(positions, request.lengths, request.lengths_le, ids.size, self.limits)
         if not packed or packed_has_negative(packed, 8):  # as in Lookup: no numpy call unless one is negative
-            check_bag_ids(ids, lengths, request.features)
-        pooled = pool_bags(model, positions, lengths, ids, functools.partial(_check_deadline, context))
+            check_bag_ids(ids, layout.lengths, request.features)
+        pooled = pool_bags(model, positions, layout.lengths, ids, functools.partial(_check_deadline, context), layout=layout)
         return _encode(pooled, dtype, model.checksum), ids.size
 
     @_rpc("GetModelInfo")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import grpc
 import numpy as np
@@ -149,6 +149,60 @@ def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
         seen.add(name)
         positions.append(index[name])
     return positions
+
+
+@dataclass
+class BagLayout:
+    """The validated lengths of one LookupBags request shape: ``lengths`` [F, B] (read-only),
+    ``batch`` B and ``total`` ids. ``pool_plan`` is the model's pooler's per-shape work (see
+    ``NumpyBagPooler``), filled on first use: a layout lives in its model's ``LayoutCache``, so
+    the plan never outlives the model it was made for."""
+
+    lengths: np.ndarray
+    batch: int
+    total: int
+    pool_plan: Any = None
+
+
+class LayoutCache:
+    """Validated layouts by (feature positions, packed lengths bytes).
+
+    Why: clients send the same request shape over and over (Criteo-style batches: one id per
+    feature and example, a fixed batch size), and re-validating and re-deriving it per request
+    (the lengths' sign, sum, longest bag, the empty bags' places) was ~10 numpy calls, each
+    several times its loop cost on a cold core in the server (benchmarks/NOTES.md, "LookupBags
+    layout cache"). Same bytes and same features give the same layout, so the lookup is exact; only
+    packed lengths are cached (``repeated`` ones are decoded as before), only valid ones, bounded
+    in entries and bytes per key (keys come from clients)."""
+
+    def __init__(self, max_entries: int = 256, max_key_bytes: int = 1 << 16) -> None:
+        self.max_entries = max_entries
+        self.max_key_bytes = max_key_bytes
+        self._layouts: dict[tuple[tuple[int, ...], bytes], BagLayout] = {}
+
+    def __len__(self) -> int:
+        return len(self._layouts)
+
+    def layout(self, positions: Sequence[int], repeated: Sequence[int], packed: bytes, num_ids: int, limits: Limits) -> BagLayout:
+        """The request's validated layout (a cached one when ``packed`` was seen before with these
+        features); raises ``ServingError`` as ``decode_ints`` / ``check_lengths`` do."""
+        key = (tuple(positions), packed)
+        cached = self._layouts.get(key) if packed else None
+        if cached is not None and not len(repeated):
+            if cached.total != num_ids:
+                raise invalid(f"lengths sum to {cached.total} but {num_ids} ids were sent")
+            return cached
+        lengths = decode_ints(
+            repeated, packed, what="lengths", dtype="int32", limit=limits.max_ids,
+            limit_name="--max-ids (one length per bag)", copy=False,
+        )
+        batch = check_lengths(lengths, len(positions), num_ids, packed)
+        layout = BagLayout(lengths.reshape(len(positions), batch), batch, num_ids)
+        if packed and len(packed) <= self.max_key_bytes:
+            if len(self._layouts) >= self.max_entries:
+                self._layouts.clear()  # simple and bounded; a steady client refills it at once
+            self._layouts[key] = layout
+        return layout
 
 
 def check_lengths(lengths: np.ndarray, num_features: int, num_ids: int, packed: bytes = b"") -> int:

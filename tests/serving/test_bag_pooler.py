@@ -15,6 +15,7 @@ from tablezip.embeddings import CompressedEmbeddingBagCollection
 from tablezip.serving import reader as reader_module
 from tablezip.serving.compute import pool_bags
 from tablezip.serving.model import load_model
+from tablezip.serving.validation import Limits
 from tests.embeddings.test_conformance import DIM, FEATURES, NAMES
 
 from .test_parity import bits, trained
@@ -140,3 +141,37 @@ def test_a_pooler_that_disagrees_with_the_model_is_not_used(full_model, monkeypa
     with caplog.at_level(logging.WARNING, logger="tablezip.serving.reader"):
         model = load_model(str(artifact))
     assert model.bag_pooler is None and "differs from the model's forward" in caplog.text
+
+
+@pytest.mark.parametrize("pattern", [[1] * 5, [1, 0, 1, 1, 0], [0, 0, 0]])
+def test_a_repeated_request_shape_reuses_its_layout_with_the_forward_bits(pattern, full_model, serve, connect):
+    """Clients repeat a request shape (same features, same packed lengths) with new ids: the second
+    and later requests take the cached layout and its pooling plan, and every answer is still the
+    forward's bits, including all-empty batches, OOV ids and the mean feature."""
+    coll, artifact = full_model
+    server = serve(artifact)
+    client = connect(server)
+    layouts = server.holder.current.bag_layouts
+    for seed in range(3):
+        lengths, values = bags(pattern, seed=seed)
+        got = client.lookup_bags(NAMES, lengths.reshape(-1), values)
+        np.testing.assert_array_equal(bits(got), bits(forward(coll, lengths, values)))
+    assert len(layouts) == 1  # one shape, validated once
+    (layout,) = layouts._layouts.values()
+    assert layout.pool_plan is not None and layout.pool_plan[0] is server.holder.current.bag_pooler
+    assert layout.pool_plan[1] is not None  # bags of at most one id: the per-shape plan, not _pool
+
+
+def test_a_layout_plan_is_only_used_by_the_pooler_that_made_it(full_model):
+    """A layout tagged by another pooler (as after a reload into the same cache) is re-planned."""
+    coll, artifact = full_model
+    first, second = load_model(str(artifact)), load_model(str(artifact))
+    lengths, values = bags([1, 0, 1], seed=4)
+    packed = lengths.astype("<i4").tobytes()
+    positions = list(range(len(NAMES)))
+    layout = first.bag_layouts.layout(positions, [], packed, values.size, Limits())
+    pool_bags(first, positions, layout.lengths, values, lambda stage: None, layout=layout)
+    made_by_first = layout.pool_plan
+    got = pool_bags(second, positions, layout.lengths, values, lambda stage: None, layout=layout)
+    assert layout.pool_plan[0] is second.bag_pooler and layout.pool_plan is not made_by_first
+    np.testing.assert_array_equal(bits(got), bits(forward(coll, lengths, values)))
