@@ -8,7 +8,7 @@ cutting a batch at bag boundaries gives the same vectors as one forward.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def bag_chunks(lengths: np.ndarray, chunk: int = CHUNK_IDS) -> list[tuple[int, i
 
 
 def pool_bags(
-    model: LoadedModel, positions: list[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS,
+    model: LoadedModel, positions: Sequence[int], lengths: np.ndarray, ids: np.ndarray, check: Check, chunk: int = CHUNK_IDS,
     layout: BagLayout | None = None,
 ) -> torch.Tensor | np.ndarray:
     """[B, F_req, D] pooled vectors: the model's own forward, or ``model.bag_pooler`` (numpy,
@@ -80,6 +80,7 @@ def pool_bags(
     if pooler is not None and pooler.covers(positions) and ids.size + batch <= chunk:
         check("the lookup")  # the common case: one chunk, no copies of the ids
         return pooler.pool(positions, lengths, ids, layout)
+    positions = list(positions)  # numpy and torch read a tuple index as one index per axis
     # Offsets of every (feature, bag) into ids: feature f's ids of bags [a, b) are ids[offsets[f, a]:offsets[f, b]].
     offsets = np.zeros((len(positions), batch + 1), dtype=np.int64)
     np.cumsum(lengths, axis=1, out=offsets[:, 1:])

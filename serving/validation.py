@@ -131,13 +131,14 @@ def _valid_positions(requested: tuple[str, ...], known: tuple[str, ...]) -> tupl
     return positions
 
 
-def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
-    """Model positions of the requested features: NOT_FOUND names an unknown one."""
+def check_features(requested: Sequence[str], known: Sequence[str]) -> tuple[int, ...]:
+    """Model positions of the requested features: NOT_FOUND names an unknown one. A tuple (the
+    cached one in the common case): the pooler and the layout cache key on it as it is."""
     if not requested:
         raise invalid("features is empty; name at least one feature")
     valid = _valid_positions(tuple(requested), tuple(known))
     if valid is not None:
-        return list(valid)  # the common case; the loop below finds what is wrong
+        return valid  # the common case; the loop below finds what is wrong
     index = _feature_index(tuple(known))
     positions = []
     seen: set[str] = set()
@@ -148,7 +149,7 @@ def check_features(requested: Sequence[str], known: Sequence[str]) -> list[int]:
             raise invalid(f"feature {name!r} appears twice in features")
         seen.add(name)
         positions.append(index[name])
-    return positions
+    return tuple(positions)
 
 
 @dataclass
