@@ -94,7 +94,7 @@ def test_knapsack_fits_and_is_within_one_step_of_the_optimum(raw, budget):
 def test_plan_never_exceeds_its_budget_and_its_bytes_are_exact(sizes, ratio, dtypes):
     features = [FeatureSpec(f"f{i}", n) for i, n in enumerate(sizes)]
     data = {f.name: planted(f.num_embeddings, 2000, seed=i) for i, f in enumerate(features)}
-    budget = int(sum((n + 1) * 16 * 4 for n in sizes) / ratio)
+    budget = max(1, int(sum((n + 1) * 16 * 4 for n in sizes) / ratio))  # 0 is refused as budget_bytes, not tested here
     try:
         plan = plan_budget(features, 16, budget, data, dtypes=dtypes, keep_full_below=10)
     except ValueError as err:
