@@ -25,6 +25,7 @@ rounding, tested with a tolerance.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,76 @@ class AssemblePlan:
         self.projections_of: dict[int, list[tuple[int, int]]] = {}  # op -> its (slot, weight index)
         for i, j, w in self.projections:
             self.projections_of.setdefault(i, []).append((j, w))
+        # True (CPU only): the output's memory is kept when a forward returns and the next forward
+        # writes into it again if nothing else holds it by then (see ``output``). A fresh output
+        # of [B, F*D] floats is new memory from the OS on every call (glibc maps blocks above its
+        # mmap threshold afresh and unmaps them on free; smaller ones go back at its trim
+        # threshold), and each of its 4 KiB pages faults on first touch: at B=32768, D=64, 53k
+        # faults, ~80 ms of a ~300 ms forward, paid by whichever op writes a column block first.
+        # False: a fresh tensor per call (the "before" of that change in benchmarks/NOTES.md).
+        self.reuse_out = True
+        self._spare: torch.UntypedStorage | None = None
+        self._spare_lock = threading.Lock()
+        # True: runs of identity ops (no MEAN) whose slots are adjacent in TBE's output and whose
+        # vectors are adjacent in the output are one copy of the run's columns, forward and
+        # backward (a unified or Full-heavy collection: 26 [B, D] copies become a few wide ones,
+        # each row one longer contiguous stretch). False: one copy per op. Copies either way.
+        self.merge_runs = True
+        self.runs, self.in_run = _identity_runs(ops, dim)
+        # True: a plan of identity ops only (no MEAN, every slot D wide: unified, whose shared
+        # table's slots come out of TBE grouped, not in feature order) fills its output with ONE
+        # ``index_select`` of [B, slots, D] along the slots, which copies row after row (measured
+        # 2.5x faster than 26 column-block copies at B=32768, D=64, and 2x at B=4096, D=16: each
+        # column copy strides through every row of both tensors). False: a copy per op (or run).
+        # Copies either way: bitwise equal.
+        self.gather = True
+        self.order: tuple[int, ...] | None = None  # the slot of each vector, for ``gather``
+        if all(op.kind == "identity" and not op.mean and op.cols[0][1] == dim for op in ops) and widths:
+            if all(w == dim for w in widths):
+                self.order = tuple(op.cols[0][0] // dim for op in ops)
+        self._order_index: dict[torch.device, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled / deep-copied without the kept output (a cache) and its lock (not picklable)."""
+        state = dict(self.__dict__)
+        state["_spare"] = None
+        del state["_spare_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._spare_lock = threading.Lock()
+
+    def order_index(self, device: torch.device) -> torch.Tensor:
+        """``order`` as an int64 tensor on ``device`` (built once per device)."""
+        index = self._order_index.get(device)
+        if index is None:
+            assert self.order is not None
+            index = self._order_index[device] = torch.tensor(self.order, dtype=torch.int64, device=device)
+        return index
+
+    def output(self, like: torch.Tensor, batch: int) -> torch.Tensor:
+        """A [batch, F*D] tensor for the forward to fill: the kept memory of an earlier output when
+        ``reuse_out`` and nothing references that memory any more, else a new tensor (kept for
+        the next call).
+
+        Safe because the check counts every holder: each tensor or view of the memory, a tensor
+        autograd saved for a backward (a later layer's input), a numpy array over it, all hold a
+        reference to its storage, so the count is 1 (our own reference) only once all of them are
+        gone; then nobody can read what the next forward writes. Under a lock, so two threads
+        never take the same memory. Costs one output's memory between calls. CPU only: CUDA's
+        caching allocator already reuses memory (and tracks the streams that use it)."""
+        cols = len(self.ops) * self.dim
+        if not self.reuse_out or like.device.type != "cpu":
+            return like.new_empty(batch, cols)
+        need = batch * cols * like.element_size()
+        with self._spare_lock:
+            spare = self._spare
+            if spare is not None and spare.nbytes() >= need and _sole_owner(spare) and spare.device == like.device:
+                return like.new_empty(0).set_(spare, 0, (batch, cols), (cols, 1))
+            out = like.new_empty(batch, cols)
+            self._spare = out.untyped_storage() if _USE_COUNT is not None else None
+            return out
 
     def weights(self) -> list[torch.Tensor]:
         """The current projection weights, in op order (read each forward: ``load_state_dict`` and
@@ -146,6 +217,45 @@ def _build(lookup: "EmbeddingBagLookup") -> AssemblePlan | None:
         projected = tuple(w is not None for w in form.weights) if form.kind == "project" else ()
         ops.append(_Op(form.kind, cols, f * lookup.dim, f, mean, projected, tuple(position[s] for s in slots)))
     return AssemblePlan(ops, layouts, lookup.dim, column, tuple(dims))
+
+
+def _identity_runs(ops: list[_Op], dim: int) -> tuple[list[tuple[int, int, int]], list[bool]]:
+    """Maximal runs of consecutive identity ops without MEAN whose slots follow each other in
+    TBE's columns as their vectors do in the output: (first TBE column, first output column,
+    width) of each run of two or more, and whether each op belongs to one."""
+    runs: list[tuple[int, int, int]] = []
+    in_run = [False] * len(ops)
+    members: list[int] = []
+
+    def close() -> None:
+        if len(members) > 1:
+            first = ops[members[0]]
+            runs.append((first.cols[0][0], first.out, dim * len(members)))
+            for i in members:
+                in_run[i] = True
+        members.clear()
+
+    for i, op in enumerate(ops):
+        if op.kind != "identity" or op.mean or op.cols[0][1] != dim:
+            close()
+            continue
+        if members:
+            last = ops[members[-1]]
+            if not (op.out == last.out + dim and op.cols[0][0] == last.cols[0][0] + dim):
+                close()
+        members.append(i)
+    close()
+    return runs, in_run
+
+
+def _sole_owner(storage: torch.UntypedStorage) -> bool:
+    """Whether ``storage`` (the Python object the plan keeps) is the only reference to its memory:
+    no tensor, view or other storage object uses it. False where torch lacks the counter."""
+    return _USE_COUNT is not None and _USE_COUNT(storage._cdata) == 1
+
+
+# torch's count of the references to a storage's memory (private; None where a torch lacks it).
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _fits(form: CombineForm, cols: tuple[tuple[int, int], ...], dim: int) -> bool:
@@ -212,10 +322,22 @@ class _Assemble(torch.autograd.Function):
         *weights: torch.Tensor,
     ) -> torch.Tensor:
         x = pooled if pooled.shape[0] == batch else pooled[:batch]
-        out = pooled.new_empty(batch, len(plan.ops) * plan.dim)
+        out = plan.output(pooled, batch)
+        if plan.gather and plan.order is not None:
+            index = plan.order_index(x.device)
+            torch.index_select(x.view(batch, -1, plan.dim), 1, index, out=out.view(batch, -1, plan.dim))
+            ctx.plan, ctx.batch, ctx.bags, ctx.divisors = plan, batch, pooled.shape[0], divisors
+            ctx.save_for_backward(None, *weights)
+            return out
         xs, outs = _Views(x, plan, slots=True), _Views(out, plan, slots=False)
         written = [False] * len(plan.ops)  # "project": whether its vector holds a first term yet
+        merged = plan.merge_runs
+        if merged:
+            for first, start, width in plan.runs:
+                out[:, start : start + width].copy_(x[:, first : first + width])
         for i, op in enumerate(plan.ops):
+            if merged and plan.in_run[i]:
+                continue
             dst = outs.vector(op, plan.dim)
             parts = xs.of(op)
             if op.kind == "identity":
@@ -283,7 +405,13 @@ class _Assemble(torch.autograd.Function):
         wanted = ctx.needs_input_grad[4:]
         grad_weights: list[torch.Tensor | None] = [None] * len(wanted)
         scratch: torch.Tensor | None = None
+        merged = plan.merge_runs
+        if merged:
+            for first, start, width in plan.runs:
+                gx[:, first : first + width].copy_(grad[:, start : start + width])
         for i, op in enumerate(plan.ops):
+            if merged and plan.in_run[i]:
+                continue
             g = gs.vector(op, plan.dim)
             if op.mean:  # the autograd of ``pooled / divisor``
                 g = g / ctx.divisors[op.feature].unsqueeze(1)

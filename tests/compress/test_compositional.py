@@ -13,6 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 # Registers "qr" and "kway" until compress/__init__.py imports the module.
 from tablezip.compress.compositional import (
+    CompositionalLayout,
     KWay,
     QR,
     init_bound,
@@ -399,3 +400,32 @@ def test_concat_partitions_follow_the_tbe_width():
     # D = 4 allows no concat split: the QR fallback has nothing to try and refuses plainly.
     with pytest.raises(ValueError, match="budget_bytes"):
         qr_methods_for_budget(CRITEO_FEATURES, 4, full_bytes(CRITEO_FEATURES, 4) // 100, fallback=True)
+
+
+@pytest.mark.parametrize(
+    "methods",
+    [
+        {"a": QR(collisions=7), "b": QR(collisions=7)},  # plain int radices
+        {"a": QR(collisions=7), "b": QR(collisions=3)},  # per-id radices
+        {"a": KWay(partitions=(9, 6, 7)), "b": KWay(partitions=(3, 11, 10)), "c": KWay(partitions=(40, 3, 3))},
+    ],
+)
+def test_chained_digits_are_the_divide_and_remainder_digits(methods):
+    """``chained_digits`` (one division per digit boundary) gives the very rows of a division and a
+    remainder per digit, and of each feature's own ``transform``, ids out of space included."""
+    features = [FeatureSpec(name, 300 + 17 * i) for i, name in enumerate(methods)]
+    coll = CompressedEmbeddingBagCollection(features, 8, methods)
+    g = torch.Generator().manual_seed(0)
+    per_feature = [torch.cat([torch.randint(-50, f.num_embeddings + 50, (500,), generator=g), torch.tensor([-(2**40), 2**40])]) for f in features]
+    layouts = list(coll.layouts.values())
+    chained = coll.transform_ids(per_feature)
+    try:
+        CompositionalLayout.chained_digits = False
+        divided = coll.transform_ids(per_feature)
+    finally:
+        CompositionalLayout.chained_digits = True
+    reference = [layout.transform(ids) for layout, ids in zip(layouts, per_feature)]
+    for a, b, c in zip(chained, divided, reference):
+        assert len(a) == len(b) == len(c)
+        for x, y, z in zip(a, b, c):
+            assert torch.equal(x, y) and torch.equal(x, z)

@@ -20,7 +20,7 @@ import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned
+from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned, Unified
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
 from tablezip.embeddings import assemble
 from tablezip.embeddings.assemble import plan_for
@@ -254,6 +254,91 @@ def test_export_load_keeps_the_fused_path(tmp_path, assembles):
     with torch.no_grad():
         assert torch.equal(coll(kjt).values(), loaded(kjt).values())
     assert len(assembles) == 3
+
+
+# -- the forward's output: kept memory, one gather, merged copies ---------------------------------
+UNIFIED_FEATURES = [FeatureSpec(f"u{i}", 300 + 100 * i) for i in range(4)] + [FeatureSpec(f"f{i}", 30 + i) for i in range(4)]
+# Full features between the shared table's readers: TBE groups the shared slots, so the plan's
+# slots are out of feature order (the gather permutes), with runs of adjacent Full features too.
+UNIFIED_ORDER = ["f0", "u0", "f1", "f2", "u1", "u2", "f3", "u3"]
+UNIFIED_METHODS = {f.name: Unified(rows=97) if f.name.startswith("u") else Full() for f in UNIFIED_FEATURES}
+
+
+def unified_collection(seed: int) -> CompressedEmbeddingBagCollection:
+    by_name = {f.name: f for f in UNIFIED_FEATURES}
+    features = [by_name[n] for n in UNIFIED_ORDER]
+    return CompressedEmbeddingBagCollection(features, DIM, UNIFIED_METHODS, seed=seed)
+
+
+def old_output_path(coll: CompressedEmbeddingBagCollection) -> CompressedEmbeddingBagCollection:
+    """A deep-copied twin with the output switches off: a fresh output per call, a copy per op."""
+    twin = copy.deepcopy(coll)
+    plan = plan_for(twin)
+    assert plan is not None
+    plan.reuse_out = plan.merge_runs = plan.gather = False
+    twin.lean_lengths = False
+    return twin
+
+
+@pytest.mark.parametrize("which", ["mixed", "unified"])
+def test_output_switches_are_bitwise_the_old_path(which, assembles):
+    """Kept output memory (``reuse_out``), the one-gather unified forward (``gather``), merged
+    identity copies (``merge_runs``) and no unused slot lengths (``lean_lengths``) against all of
+    them off: outputs, gradients, tables and optimizer state bit for bit, over steps that reuse
+    the output's memory."""
+    coll = CompressedEmbeddingBagCollection(MIXED_FEATURES, DIM, MIXED_METHODS, seed=11) if which == "mixed" else unified_collection(11)
+    names = coll.feature_names
+    old = old_output_path(coll)
+    plan = plan_for(coll)
+    assert plan is not None and plan.runs  # adjacent Full features merge in both collections
+    assert (plan.order is not None) == (which == "unified")
+    if which == "unified":
+        assert list(plan.order) != list(range(len(names)))  # really a permutation
+    kjts = [single_id_kjt(names, 32, 5000, seed) for seed in range(4)]
+    assert_same(train(coll, kjts), train(old, kjts), exact=True)
+    assert_same(state(coll), state(old), exact=True)
+    with torch.no_grad():
+        for kjt in kjts:
+            assert torch.equal(coll(kjt).values(), old(kjt).values())
+    assert assembles
+
+
+def test_kept_output_memory_is_reused_only_once_nothing_holds_it():
+    """The next forward writes into the last output's memory only when no tensor uses it: an
+    output still held, or saved by autograd for a later layer's backward, keeps its values."""
+    coll = unified_collection(12)
+    names = coll.feature_names
+    kjts = [single_id_kjt(names, 16, 5000, seed) for seed in range(3)]
+    with torch.no_grad():
+        expected = [coll(k).values().clone() for k in kjts]
+    held = coll(kjts[0]).values()
+    pointer = held.data_ptr()
+    second = coll(kjts[1]).values()  # ``held`` still alive: new memory
+    assert second.data_ptr() != pointer and torch.equal(held, expected[0]) and torch.equal(second, expected[1])
+    del held
+    second_pointer = second.data_ptr()
+    del second
+    third = coll(kjts[2]).values()  # nothing holds the second output's memory any more: reused
+    assert third.data_ptr() == second_pointer and torch.equal(third, expected[2])
+    # Saved for backward by a later op: the next forward must not overwrite it.
+    weight = torch.randn(third.shape[1], requires_grad=True)
+    loss = (third * weight).sum()  # saves ``third`` for weight's gradient
+    del third
+    assert not torch.equal(coll(kjts[0]).values(), expected[2])
+    loss.backward()
+    assert weight.grad is not None and torch.equal(weight.grad, expected[2].sum(0))
+
+
+def test_kept_output_memory_survives_deepcopy_and_pickle():
+    """The kept memory is a cache: copies of the collection start without it (and a lock, which
+    cannot be pickled, is made afresh), then compute the same outputs."""
+    coll = unified_collection(13)
+    kjt = single_id_kjt(coll.feature_names, 8, 5000, 0)
+    before = coll(kjt).values().detach().clone()
+    twin = copy.deepcopy(coll)
+    plan = plan_for(twin)
+    assert plan is not None and plan._spare is None
+    assert torch.equal(twin(kjt).values(), before) and plan._spare is not None
 
 
 # -- bags of one id, drops, TBE's output as it is -----------------------------------------------
