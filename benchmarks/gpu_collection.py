@@ -20,7 +20,17 @@ the fused rows equal the torch rows, that the forwards are bit-identical, and co
 after two training steps of the default path against a twin on the unfused path.
 
     python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
+Fused training (compress/fused_train.py): QR, KWay and MultiHash train through the fused
+lookup's kernel and a Triton backward that applies the TBE's optimizer itself. Their default row
+("tablezip TBE") is that path (``--fused-train-mode``, "auto"), timed beside the TBE path
+("fused training off": fbgemm's backward and fused optimizer), both paired with Full; each
+record says whether the fused step ran (``train_path``) and the tables' and optimizer state's
+max |diff| after one step against a twin trained on the TBE path (``fused_train_*``).
+
+    python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
     python benchmarks/gpu_collection.py --out DIR --device cpu --rows 1000 --batch 64   # smoke test
+    TRITON_INTERPRET=1 python benchmarks/gpu_collection.py --out DIR --device cpu --rows 300 --batch 16 --tables 2 \
+        --dim 16 --variants full,qr-10x,kway-10x,multihash-10x --bag-lens '' --fused-train-mode on   # interpreter smoke
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import add_gpu_workload_args, env_info, time_cuda_fn, time_fn  # noqa: E402
 
-from tablezip.compress import fused_ids, fused_lookup  # noqa: E402
+from tablezip.compress import fused_ids, fused_lookup, fused_train  # noqa: E402
 from tablezip.compress.multihash import MultiHashLayout  # noqa: E402
 from tablezip.compress import (  # noqa: E402
     Hash,
@@ -244,6 +254,53 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
     return records
 
 
+# The fused_train mode of the default training rows ("on": the CPU interpreter smoke test).
+FUSED_TRAIN_MODE = "auto"
+FUSED_STEPS: list[int] = []  # one entry per fused backward step (counted by main's wrapper)
+
+
+def count_fused_steps() -> None:
+    """Count the fused training steps, so each record says which path its step actually took."""
+    real = fused_train.backward_step
+
+    def counted(*args, **kwargs):
+        FUSED_STEPS.append(1)
+        return real(*args, **kwargs)
+
+    fused_train.backward_step = counted
+
+
+def fused_train_check(features, dim: int, methods, kjt: KeyedJaggedTensor) -> dict[str, Any]:
+    """Two collections built alike (same seed); one training step of a loss whose gradient differs
+    per bag and column, one twin on the fused training path (``FUSED_TRAIN_MODE``), the other on
+    the TBE path: max |diff| of outputs, tables and optimizer state, and whether the fused step
+    ran (False: the method keeps the TBE path, e.g. MixedDim, Unified)."""
+    device = kjt.values().device
+    twins = [CompressedEmbeddingBagCollection(features, dim, methods, device=device) for _ in range(2)]
+    weight = torch.linspace(-1, 1, len(features) * dim, device=device)
+    before = len(FUSED_STEPS)
+    outs = []
+    for coll, value in zip(twins, (FUSED_TRAIN_MODE, "off")):
+        with fused_train.mode(value):
+            out = coll(kjt).values()
+        (out.pow(2) * weight).sum().backward()
+        outs.append(out.detach())
+    used = len(FUSED_STEPS) > before
+    tables = max(float((a - b).abs().max()) for a, b in zip(twins[0].table_weights(), twins[1].table_weights()))
+    scale = max(float(b.abs().max()) for b in twins[1].table_weights())
+    states = [s[0] for s in twins[0].tbe.split_optimizer_states()], [s[0] for s in twins[1].tbe.split_optimizer_states()]
+    state_diff = max((float((a - b).abs().max()) for a, b in zip(*states)), default=0.0)
+    state = fused_train.state_for(twins[0]) if used else None
+    buffers = sum(t.numel() * t.element_size() for t in (state.grad, state.flags, state.rows)) if state is not None else 0
+    result = {
+        "fused_train_used": used, "fused_train_forward_max_abs_diff": float((outs[0] - outs[1]).abs().max()),
+        "fused_train_tables_max_abs_diff": tables, "fused_train_tables_allclose": tables <= 1e-5 * scale + 1e-6,
+        "fused_train_state_max_abs_diff": state_diff, "fused_train_buffer_bytes": buffers,
+    }  # fmt: skip
+    del twins
+    return result
+
+
 # Methods with several tables per feature, projections or a shared table: timed in tablezip
 # only (no torchrec/nn.EmbeddingBag twin here; methods_speed.py has their dlrm-style builds).
 OTHER_METHODS = ("multihash-10x", "qr-10x", "kway-10x", "md-10x", "unified-10x")
@@ -272,17 +329,20 @@ def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTen
 
     with torch.no_grad():
         same = bool(torch.allclose(forward(True)(), forward(False)(), rtol=1e-5, atol=1e-6))
-    cases: dict[str, tuple[Any, bool]] = {"tablezip TBE": (forward(True), True)}
-    checks: dict[str, Any] = {}
+    # impl -> (forward, timed training too, fused_train mode of the training step)
+    cases: dict[str, tuple[Any, bool, str]] = {"tablezip TBE": (forward(True), True, FUSED_TRAIN_MODE)}
+    cases["tablezip TBE, fused training off (fbgemm backward + fused optimizer)"] = (forward(True), True, "off")
+    checks: dict[str, Any] = fused_train_check(features, dim, methods, kjt)
     twin = None
     if method == "multihash":
         twin = unfolded(features, dim, methods, device)
-        cases["tablezip TBE, probes unfolded (one slot per probe)"] = (lambda: twin(kjt).values(), True)
-        checks = fold_checks(features, dim, methods, kjt)
+        cases["tablezip TBE, probes unfolded (one slot per probe)"] = (lambda: twin(kjt).values(), True, "off")
+        with fused_train.mode("off"):  # the fold is TBE's: checked on the TBE path
+            checks.update(fold_checks(features, dim, methods, kjt))
     if method in ("qr", "kway", "multihash", "md"):
         off = {"md": "fused lookup off (TBE pooled narrow rows, torch projections)",
                "multihash": "fused lookup off (folded TBE bag)"}.get(method, "fused lookup off (unpooled rows, torch product)")
-        cases[f"tablezip TBE, {off}"] = (switched(fused_lookup, "off"), False)
+        cases[f"tablezip TBE, {off}"] = (switched(fused_lookup, "off"), False, "off")
         with torch.no_grad():  # (enabled_for is False while grad is enabled: inference only)
             out, ref = coll(kjt).values(), switched(fused_lookup, "off")()
             used = fused_lookup.enabled_for(kjt.values()) and getattr(fused_lookup._PLANS.get(coll), "weights", None) is not None
@@ -291,30 +351,35 @@ def tablezip_only(variant: str, features: list[FeatureSpec], kjt: KeyedJaggedTen
                   "fused_forward_allclose_tbe": bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6)),
                   "fused_forward_max_abs_diff": float((out - ref).abs().max())}
     elif method == "unified":
-        cases["tablezip TBE, torch transforms (fused_ids off)"] = (switched(fused_ids, "off"), True)
+        cases["tablezip TBE, torch transforms (fused_ids off)"] = (switched(fused_ids, "off"), True, FUSED_TRAIN_MODE)
         with torch.no_grad():
             checks = {"forward_equal_torch_transforms": bool(torch.equal(coll(kjt).values(), switched(fused_ids, "off")()))}
-    cases["tablezip TBE, per-feature transforms"] = (forward(False), True)
+    cases["tablezip TBE, per-feature transforms"] = (forward(False), True, "off")  # (the TBE path either way)
     records = []
-    for impl, (fwd, train) in cases.items():
+    for impl, (fwd, train, train_mode) in cases.items():
         with torch.no_grad():
             f = timed(fwd)
         t = None
+        fused_before = len(FUSED_STEPS)
         if train:
-            def step() -> None:
-                fwd().sum().backward()
+            def step(fwd=fwd, train_mode=train_mode) -> None:
+                with fused_train.mode(train_mode):
+                    out = fwd()
+                out.sum().backward()
                 for m in (coll, twin):
                     for p in (m.parameters() if m is not None else []):  # projections of md are dense parameters
                         p.grad = None
 
             t = timed(step)
-        paired = reference.ratios(fwd, step if train else None) if impl == "tablezip TBE" else {}
+        train_path = None if not train else ("fused" if len(FUSED_STEPS) > fused_before else "TBE")
+        pair = impl == "tablezip TBE" or impl.startswith("tablezip TBE, fused training off")
+        paired = reference.ratios(fwd, step if train else None) if pair else {}
         looked_up = kjt.values().numel()
         records.append({**paired,
             "variant": variant, "impl": impl, "tables": len(features), "rows": features[0].num_embeddings, "dim": dim,
             "batch": kjt.stride(), "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
             "physical_tables": len(coll.table_specs()), "tbe_slots": len(coll.tbe_feature_table_map()), "bytes": coll.memory_bytes(),
-            "methods": sorted({repr(m) for m in methods.values()})[:3], **checks,
+            "methods": sorted({repr(m) for m in methods.values()})[:3], **checks, "train_path": train_path,
             "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"],
             "train_ms": t["median_ms"] if t else None, "train_p90_ms": t["p90_ms"] if t else None,
             "fwd_rows_per_s": looked_up / (f["median_ms"] / 1e3),
@@ -448,12 +513,17 @@ def bag_sweep(device: torch.device, tables: int, rows: int, dim: int, batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_gpu_workload_args(parser, "cuda, or cpu for a smoke test of this script (no parity, no bandwidth)")
+    parser.add_argument("--fused-train-mode", default="auto", choices=("auto", "on", "off"),
+                        help="fused_train mode of the default training rows ('on' with --device cpu: the interpreter smoke test)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--bag-lens", default="1,4,16,32", help="Full's bandwidth sweep over ids per bag ('' to skip)")
     parser.add_argument("--sweep-batch", type=int, default=16384, help="bags per table in the bandwidth sweep")
     args = parser.parse_args()
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
+    global FUSED_TRAIN_MODE
+    FUSED_TRAIN_MODE = args.fused_train_mode
+    count_fused_steps()
     result = {
         "env": {**env_info(), "gpu": torch.cuda.get_device_name(0) if on_cuda else "none (cpu smoke test)"},
         "parity": parity(device) if on_cuda else {},
@@ -493,12 +563,25 @@ def main() -> None:
     for variant, c in checked.items():
         lines.append(f"| {variant} | {c['drop_by_weight']} | {c['fused_kernel_used']} | {c['fused_rows_equal_torch']} | {c['forward_equal_unfused']} | "
                      f"{c['forward_max_abs_diff_unfused']:.3g} | {c['train_outputs_equal_unfused']} | {c['train_tables_equal_unfused']} | {c['train_tables_max_abs_diff']:.3g} |")
-    prefixes = ("tbe_slots", "methods", "fold_", "unfolded_", "fused_lookup_used", "fused_forward", "forward_equal_torch_transforms")
+    prefixes = ("tbe_slots", "methods", "fold_", "unfolded_", "fused_lookup_used", "fused_forward", "forward_equal_torch_transforms", "fused_train")
     other = {r["variant"]: {k: v for k, v in r.items() if k.startswith(prefixes)}
              for r in result["speed"] if r["variant"] in OTHER_METHODS and r["impl"] == "tablezip TBE"}
     if other:
         lines += ["", "Other methods, default path against the path it replaced (same run, on the GPU):", ""]
         lines += [f"- {variant}: `{json.dumps(c)}`" for variant, c in other.items()]
+    trains = [r for r in result["speed"] if r["variant"] in OTHER_METHODS and r["impl"] == "tablezip TBE"]
+    if trains:
+        lines += ["", f"Fused training step (mode {args.fused_train_mode!r}) against the TBE path (fbgemm's backward + fused optimizer), "
+                  "one step each on twins: tables / optimizer state max |diff|; steps paired with Full:", "",
+                  "| variant | fused step ran | fused train ms | vs Full, paired | TBE path train ms | vs Full, paired | speed-up | tables max diff | allclose | state max diff | buffers MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in trains:
+            off = next((o for o in result["speed"] if o["variant"] == r["variant"] and o["impl"].startswith("tablezip TBE, fused training off")), None)
+            pt = f"{r['train_vs_full_paired']:.2f}x" if r.get("train_vs_full_paired") is not None else "-"
+            po = f"{off['train_vs_full_paired']:.2f}x" if off and off.get("train_vs_full_paired") is not None else "-"
+            lines.append(f"| {r['variant']} | {r['train_path'] == 'fused'} | {r['train_ms']:.3f} | {pt} | {off['train_ms'] if off else float('nan'):.3f} | {po} | "
+                         f"{(off['train_ms'] / r['train_ms']) if off else float('nan'):.2f}x | {r['fused_train_tables_max_abs_diff']:.3g} | {r['fused_train_tables_allclose']} | "
+                         f"{r['fused_train_state_max_abs_diff']:.3g} | {r['fused_train_buffer_bytes'] / 2**20:.1f} |")
     lines += ["", f"Full, uniform ids, {args.sweep_batch} bags per table, L ids per bag (bytes = rows read + pooled rows written):", "",
               "| L | fwd ms | GB/s | % of copy BW |", "|---:|---:|---:|---:|"]
     for r in result["bag_sweep"]:

@@ -145,6 +145,26 @@ def _kernel() -> Any:
     globals()["_longest"] = longest
 
     @triton.jit
+    def partition_row(ids, stride, radix, J: tl.constexpr, OP: tl.constexpr, MIX1: tl.constexpr, MIX2: tl.constexpr):
+        # Row of partition (multihash: probe) J of each id. Shared with the fused training
+        # kernels (compress/fused_train.py), so forward and backward find the same rows.
+        if OP == 3:
+            # Probe J's row: splitmix64 of id ^ mixed seed (``stride``) on uint64 (wrapping
+            # multiplies, logical shifts), top 63 bits modulo rows; fused_ids' HASH maths exactly.
+            z = (ids ^ stride).to(tl.uint64, bitcast=True)
+            z = (z ^ (z >> 30)) * MIX1
+            z = (z ^ (z >> 27)) * MIX2
+            z = z ^ (z >> 31)
+            digit = ((z >> 1) % radix.to(tl.uint64, bitcast=True)).to(tl.int64, bitcast=True)
+        else:
+            digit = ids // stride
+            if J > 0:
+                digit = digit % radix
+        return digit
+
+    globals()["_partition_row"] = partition_row
+
+    @triton.jit
     def lookup_kernel(
         ids_ptr, offsets_ptr, out_ptr, weights_ptr, params_ptr, batch, out_stride,
         K: tl.constexpr, OP: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr,
@@ -173,18 +193,8 @@ def _kernel() -> Any:
                 ids = tl.where((ids >= 0) & (ids < n), ids, n)  # Full's OOV map
             vec = tl.full([BLOCK_B, BLOCK_D], 0.0, tl.float32)
             for j in tl.static_range(K):
-                if OP == 3:
-                    # Probe j's row: splitmix64 of id ^ mixed seed on uint64 (wrapping multiplies,
-                    # logical shifts), top 63 bits modulo rows; fused_ids' HASH maths exactly.
-                    z = (ids ^ tl.load(row + 3 + 3 * j)).to(tl.uint64, bitcast=True)
-                    z = (z ^ (z >> 30)) * MIX1
-                    z = (z ^ (z >> 27)) * MIX2
-                    z = z ^ (z >> 31)
-                    digit = ((z >> 1) % tl.load(row + 4 + 3 * j).to(tl.uint64, bitcast=True)).to(tl.int64, bitcast=True)
-                else:
-                    digit = ids // tl.load(row + 3 + 3 * j)
-                    if j > 0:
-                        digit = digit % tl.load(row + 4 + 3 * j)
+                # digit j: the quotient/remainder digit, or probe j's splitmix64 row (multihash)
+                digit = _partition_row(ids, tl.load(row + 3 + 3 * j), tl.load(row + 4 + 3 * j), j, OP, MIX1, MIX2)
                 base = weights_ptr + tl.load(row + 5 + 3 * j) + digit[:, None] * WIDTH
                 if OP == 2:  # concat: partition j fills columns [j * WIDTH, (j + 1) * WIDTH)
                     mine = (cols >= j * WIDTH) & (cols < (j + 1) * WIDTH)
@@ -454,16 +464,24 @@ def _build_plan(collection: Any, key: tuple) -> _Plan:
     return _Plan(key, base, features, mixed, remap_list[0] if remap_list else None)
 
 
+def plan_for(collection: Any) -> _Plan:
+    """The collection's kernel plan (``weights`` None: not supported), rebuilt when the TBE's
+    storage or the dense tensors it points into moved. Shared with the fused training path
+    (compress/fused_train.py), which runs this forward kernel on the same plan."""
+    key = _storage_key(collection.tbe) + _dense_key(collection)
+    plan = _PLANS.get(collection)
+    if plan is None or plan.key != key:
+        plan = _PLANS[collection] = _build_plan(collection, key)
+    return plan
+
+
 def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor | None:
     """The collection's pooled output [batch, F * D] from the fused kernel, or None where the
     TBE path must run (not enabled: training, CPU under "auto", no Triton; or a collection the
     kernel does not cover). ``ids``/``offsets``: the ordered KJT's values and offsets."""
     if not enabled_for(ids):
         return None
-    key = _storage_key(collection.tbe) + _dense_key(collection)
-    plan = _PLANS.get(collection)
-    if plan is None or plan.key != key:
-        plan = _PLANS[collection] = _build_plan(collection, key)
+    plan = plan_for(collection)
     if plan.weights is None or plan.weights.device != ids.device:
         return None
     return pooled_lookup(

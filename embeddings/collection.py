@@ -57,6 +57,10 @@ class EmbeddingBagLookup(nn.Module):
     # lengths per slot, their sums (a host sync), a split, a stack and a cumsum (the "before" of
     # that change in benchmarks/NOTES.md, issue 3). The same indices and offsets either way.
     unit_drops: bool = True
+    # True: with bags of one id and no drops or folds (cached offsets 0..n), ``_general`` builds no
+    # per-slot lengths, which those offsets do not need (26 ``ones_like`` per QR forward). False:
+    # built and unused, as before. The same TBE call either way.
+    lean_lengths: bool = True
 
     def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
         """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
@@ -178,6 +182,14 @@ class EmbeddingBagLookup(nn.Module):
             fused = fused_lookup.pooled(self, values, kjt.offsets(), batch)
             if fused is not None:
                 return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.features), values=fused)
+        elif self.batch_transforms:
+            # Training on CUDA: the same kernel, whose backward applies the TBE's optimizer itself
+            # (compress/fused_train.py); None where it does not apply.
+            from tablezip.compress import fused_train
+
+            fused = fused_train.pooled(self, values, kjt.offsets(), batch)
+            if fused is not None:
+                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.features), values=fused)
         per_feature = torch.split(values, kjt.length_per_key())
         lengths = kjt.lengths().view(len(self.features), batch)
         layouts = list(self.layouts.values())
@@ -229,6 +241,12 @@ class EmbeddingBagLookup(nn.Module):
             out = self._lookup_unit_drops(all_rows, batch)
         else:
             dropped = {} if by_weight else self._drop_missing(layouts, all_rows, lengths, unit=ones and fast)
+            # Bags of one id (Criteo) and no slot whose lengths were changed (drops, folds): every slot
+            # holds B bags of one row, so the offsets are 0..n (cached) instead of a stack and a cumsum
+            # over all slots, and no slot's lengths are built (``lean_lengths``; a ``ones_like`` per
+            # unpooled slot otherwise, unused).
+            unit_bags = fast and ones and not dropped and not any(self._folds)
+            lean = unit_bags and self.lean_lengths
             rows_per_slot: list[torch.Tensor] = []
             lengths_per_slot: list[torch.Tensor] = []
             for f, (layout, feature_rows, feature_lengths) in enumerate(zip(layouts, all_rows, lengths)):
@@ -247,16 +265,11 @@ class EmbeddingBagLookup(nn.Module):
                     lengths_per_slot.extend([slot_lengths] * k)
                     continue
                 for rows in feature_rows:
-                    if not layout.pooled_in_tbe:
-                        lengths_per_slot.append(torch.ones_like(rows))
-                    else:
-                        lengths_per_slot.append(feature_lengths.to(torch.int64))
+                    if not lean:
+                        unpooled = not layout.pooled_in_tbe
+                        lengths_per_slot.append(torch.ones_like(rows) if unpooled else feature_lengths.to(torch.int64))
                     rows_per_slot.append(rows)
-            bags = max([batch] + [l.numel() for l in lengths_per_slot])
-            # Bags of one id (Criteo) and no slot whose lengths were changed (drops, folds): every slot
-            # holds B bags of one row, so the offsets are 0..n (cached) instead of a stack and a cumsum
-            # over all slots.
-            unit_bags = fast and ones and not dropped and not any(self._folds)
+            bags = batch if lean else max([batch] + [l.numel() for l in lengths_per_slot])
             if unit_bags:
                 offsets = self._unit_offsets(len(order) * batch, lengths.device)
             else:

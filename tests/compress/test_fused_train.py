@@ -1,0 +1,200 @@
+"""The fused training step (compress/fused_train.py) against the TBE path: after each of three
+steps of each optimizer, the forward output, the TBE's weights and its optimizer state are
+allclose (rtol 1e-5, atol 1e-6) to a twin collection trained on the TBE path with the same ids.
+
+CI has no GPU and no Triton: the kernel tests skip there. With Triton installed they run the
+kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before the kernels are built)
+under ``fused_train.mode("on")``; ``benchmarks/gpu_collection.py`` repeats the check on a GPU at
+full size. The switch and the fallbacks are tested everywhere.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tablezip.compress import KWay, QR, Full, MixedDim, MultiHash, fused_lookup, fused_train
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CI: the TBE path only)")
+
+DIM = 24  # not a power of two: the kernels mask the columns past D (concat: two 12-wide tables)
+FEATURES = [
+    FeatureSpec("full", 40), FeatureSpec("qr", 300), FeatureSpec("kway3", 200, pooling="mean"),
+    FeatureSpec("add", 250, pooling="mean"), FeatureSpec("concat", 790), FeatureSpec("multihash", 400),
+    FeatureSpec("multihash_mean", 300, pooling="mean"),
+]  # fmt: skip
+METHODS = {
+    "full": Full(), "qr": QR(collisions=7), "kway3": KWay(partitions=(3, 5, 14)), "add": QR(collisions=5, op="add"),
+    "concat": KWay(partitions=(40, 20), op="concat"), "multihash": MultiHash(rows=60, probes=2),
+    "multihash_mean": MultiHash(rows=20, probes=3, seed=5),
+}  # fmt: skip
+# Tables of at most fused_train.SMALL_ROWS (32) rows take the kernel's per-program sums (kway3's,
+# the remainders, concat's 20, multihash_mean's), the others per-id atomics (full, the quotients
+# of qr and add, concat's 40, multihash's 60): both paths in every test.
+NAMES = [f.name for f in FEATURES]
+OPTIMIZERS = ["rowwise_adagrad", "adagrad", "sgd"]
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels under Triton's interpreter, built fresh for the test and dropped after it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for cached in (fused_lookup._kernel, fused_lookup._mixed_kernel, fused_train._kernels):
+        cached.cache_clear()
+    with fused_train.mode("on"):
+        yield
+    for cached in (fused_lookup._kernel, fused_lookup._mixed_kernel, fused_train._kernels):
+        cached.cache_clear()
+
+
+def spy(monkeypatch) -> list[int]:
+    """Count the fused backward steps (the gradient + update launches)."""
+    calls: list[int] = []
+    real = fused_train.backward_step
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_train, "backward_step", counting)
+    return calls
+
+
+def batches(names: list[str], seed: int) -> list[KeyedJaggedTensor]:
+    """Three steps' ids: bags of one id (Criteo), then bags of 0-3 ids with repeats (ids drawn
+    from a few values, so rows repeat within and across bags), then bags of up to 9 ids; ids out
+    of range (negative, past the end: the OOV row) among them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for lengths, high in (
+        (torch.ones(len(names) * 9, dtype=torch.long), 500),
+        (torch.randint(0, 4, (len(names) * 11,), generator=g), 12),
+        (torch.randint(0, 10, (len(names) * 5,), generator=g), 500),
+    ):
+        values = torch.randint(-3, high, (int(lengths.sum()),), generator=g)
+        out.append(KeyedJaggedTensor(keys=names, values=values, lengths=lengths))
+    return out
+
+
+def twins(features, methods, optimizer: TableOptimizer) -> tuple[CompressedEmbeddingBagCollection, CompressedEmbeddingBagCollection]:
+    """(fused, reference): built alike from one seed, so their tables start equal."""
+    return tuple(CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=optimizer, seed=3) for _ in range(2))
+
+
+def train_both(fused, reference, kjts, check_state: bool = True) -> None:
+    """One step per KJT on each twin (fused under the current mode, the reference with the fused
+    training path off), with a loss whose gradient differs per bag and column; after each step
+    the outputs, tables and optimizer state must be allclose."""
+    weight = torch.linspace(-1, 1, len(fused.features) * DIM)
+    for step, kjt in enumerate(kjts):
+        out = fused(kjt).values()
+        with fused_train.mode("off"):
+            expected = reference(kjt).values()
+        torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"forward, step {step}: {m}")
+        (out.pow(2) * weight).sum().backward()
+        (expected.pow(2) * weight).sum().backward()
+        for t, (a, b) in enumerate(zip(fused.table_weights(), reference.table_weights())):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"table {t}, step {step}: {m}")
+        if check_state and fused.tbe.optimizer.name != "EXACT_SGD":
+            for t, (a, b) in enumerate(zip(fused.tbe.split_optimizer_states(), reference.tbe.split_optimizer_states())):
+                torch.testing.assert_close(a[0], b[0], rtol=RTOL, atol=ATOL, msg=lambda m: f"state {t}, step {step}: {m}")
+        assert torch.equal(fused.tbe.iter, reference.tbe.iter)
+
+
+# -- without Triton too ------------------------------------------------------------------
+def test_auto_and_off_keep_the_tbe_path_on_cpu(monkeypatch):
+    calls = spy(monkeypatch)
+    fused, reference = twins(FEATURES, METHODS, TableOptimizer())
+    kjts = batches(NAMES, 0)
+    assert fused_train.current_mode() == "auto"
+    assert not fused_train.enabled_for(kjts[0].values())  # CPU ids under "auto"
+    train_both(fused, reference, kjts[:1])  # "auto" on CPU
+    with fused_train.mode("off"):
+        train_both(fused, reference, kjts[1:2])
+    assert calls == []
+    with pytest.raises(ValueError, match="mode must be"):
+        with fused_train.mode("gpu"):
+            pass
+
+
+def test_inference_is_not_the_training_path():
+    with fused_train.mode("on"), torch.no_grad():
+        assert not fused_train.enabled_for(torch.zeros(1, dtype=torch.long))
+
+
+# -- the kernels (Triton's interpreter on a CPU) -----------------------------------------
+@needs_triton
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer):
+    """mult (2 and 3 partitions), add, concat, MultiHash (2 and 3 probes) and Full, sum and mean
+    pooling, one-id / empty / repeated-id / longer bags: outputs, tables, optimizer state."""
+    calls = spy(monkeypatch)
+    fused, reference = twins(FEATURES, METHODS, TableOptimizer(kind=optimizer, lr=0.05))
+    train_both(fused, reference, batches(NAMES, 1))
+    assert len(calls) == 3  # the fused path ran every step, not a silent fallback
+    state = fused_train.state_for(fused)
+    assert state is not None and state.optimizer == fused_train.OPTIMIZERS[fused.tbe.optimizer.name]
+    # Between steps the buffers are clean: the update cleared every row it applied.
+    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+
+
+@needs_triton
+def test_learning_rate_is_read_each_step(interpreted, monkeypatch):
+    calls = spy(monkeypatch)
+    fused, reference = twins(FEATURES, METHODS, TableOptimizer(lr=0.05))
+    kjts = batches(NAMES, 2)
+    train_both(fused, reference, kjts[:1])
+    for coll in (fused, reference):
+        coll.tbe.set_learning_rate(0.3)
+    train_both(fused, reference, kjts[1:])
+    assert len(calls) == 3
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "replace", [{"weight_decay": 0.01}, {"gradient_clipping": True, "max_gradient": 0.1}, {"max_norm": 0.5}],
+    ids=["weight_decay", "gradient_clipping", "max_norm"],
+)
+def test_unsupported_optimizer_settings_fall_back(interpreted, monkeypatch, replace):
+    """fbgemm features the kernel does not apply keep the TBE path (set on the TBE directly: a
+    CPU collection refuses weight decay, and fbgemm's CPU kernels ignore these settings, so the
+    twins must still match)."""
+    calls = spy(monkeypatch)
+    fused, reference = twins(FEATURES, METHODS, TableOptimizer())
+    for coll in (fused, reference):
+        coll.tbe.optimizer_args = coll.tbe.optimizer_args._replace(**replace)
+    train_both(fused, reference, batches(NAMES, 3)[:2])
+    assert calls == [] and fused_train.state_for(fused) is None
+
+
+@needs_triton
+def test_other_collections_fall_back(interpreted, monkeypatch):
+    """MixedDim (not covered), Full alone (TBE's own pooled lookup) and a TBE whose placeholder
+    does not require grad keep the TBE path, and still train like it."""
+    calls = spy(monkeypatch)
+    features = [FeatureSpec("full", 40), FeatureSpec("md", 600, counts=torch.arange(600, 0, -1).tolist())]
+    mixed = twins(features, {"full": Full(), "md": MixedDim(dims=(DIM, 4), sizes=(50, 550))}, TableOptimizer())
+    train_both(*mixed, batches(["full", "md"], 4)[:2])
+    full = twins(features, None, TableOptimizer())
+    train_both(*full, batches(["full", "md"], 5)[:2])
+    frozen = twins(FEATURES, METHODS, TableOptimizer())
+    frozen[0].tbe.placeholder_autograd_tensor.requires_grad_(False)
+    frozen[0](batches(NAMES, 6)[0]).values().sum().backward()  # TBE's autograd (its weights)
+    assert calls == []
+
+
+@needs_triton
+def test_multihash_probes_sharing_a_row(interpreted, monkeypatch):
+    """A tiny MultiHash table: probes of one id and ids of one bag often land on the same row, so
+    its gradient gathers several terms from one id (each probe's) and the row is listed once."""
+    calls = spy(monkeypatch)
+    features = [FeatureSpec("a", 100), FeatureSpec("b", 100, pooling="mean")]
+    methods = {"a": MultiHash(rows=3, probes=4), "b": QR(collisions=50)}  # QR: 2 remainder rows, hot
+    fused, reference = twins(features, methods, TableOptimizer(kind="adagrad"))
+    train_both(fused, reference, batches(["a", "b"], 7))
+    assert len(calls) == 3
