@@ -20,8 +20,10 @@ the fused rows equal the torch rows, that the forwards are bit-identical, and co
 after two training steps of the default path against a twin on the unfused path.
 
     python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
-Fused training (compress/fused_train.py): QR, KWay and MultiHash train through the fused
-lookup's kernel and a Triton backward that applies the TBE's optimizer itself. Their default row
+Fused training (compress/fused_train.py): QR, KWay, MultiHash, MixedDim (md-10x: its projections'
+gradients come back from the same backward, checked against the TBE path's) and Pruned
+(pruned-10x) train through the fused lookup's kernels and a Triton backward that applies the
+TBE's optimizer itself. Their default row
 ("tablezip TBE") is that path (``--fused-train-mode``, "auto"), timed beside the TBE path
 ("fused training off": fbgemm's backward and fused optimizer), both paired with Full; each
 record says whether the fused step ran (``train_path``) and the tables' and optimizer state's
@@ -30,7 +32,7 @@ max |diff| after one step against a twin trained on the TBE path (``fused_train_
     python benchmarks/gpu_collection.py --out DIR [--rows 1000000] [--dim 64] [--batch 65536]
     python benchmarks/gpu_collection.py --out DIR --device cpu --rows 1000 --batch 64   # smoke test
     TRITON_INTERPRET=1 python benchmarks/gpu_collection.py --out DIR --device cpu --rows 300 --batch 16 --tables 2 \
-        --dim 16 --variants full,qr-10x,kway-10x,multihash-10x --bag-lens '' --fused-train-mode on   # interpreter smoke
+        --dim 16 --variants full,qr-10x,kway-10x,multihash-10x,md-10x,pruned-10x --bag-lens '' --fused-train-mode on   # interpreter smoke
 """
 from __future__ import annotations
 
@@ -191,9 +193,10 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
         def loop_forward() -> torch.Tensor:
             return torch.cat([bag(t(per_feature[i])[0], offsets) for i, (bag, t) in enumerate(zip(bags, transforms))], dim=1)
 
-        def train(fwd, opt=None):
+        def train(fwd, opt=None, train_mode: str = "off"):
             def step():
-                out = fwd()
+                with fused_train.mode(train_mode):
+                    out = fwd()
                 out.sum().backward()
                 if opt is not None:
                     opt.step()
@@ -221,26 +224,37 @@ def speed(device: torch.device, tables: int, rows: int, dim: int, batch: int, va
             if variant != "full":
                 checks = fused_checks(coll, kjt, names, unfused_forward)
         if variant != "full":
-            checks.update(train_twin_check(features, dim, FITTERS[variant], kjt, device, coll.drop_by_weight))
-        cases = {"tablezip TBE": (lambda: coll(kjt).values(), None)}
+            with fused_train.mode("off"):  # the transforms' check: both twins on the TBE path
+                checks.update(train_twin_check(features, dim, FITTERS[variant], kjt, device, coll.drop_by_weight))
+        if variant == "pruned-10x":  # the fused training step (compress/fused_train.py) against the TBE path
+            checks.update(fused_train_check(features, dim, methods, kjt))
+        # impl -> (forward, dense optimizer, fused_train mode of its training step): the default
+        # row trains as the collection does by default (Pruned: the fused step; the others keep
+        # the TBE path either way); the rows that compare TBE-path variants train on it.
+        cases = {"tablezip TBE": (lambda: coll(kjt).values(), None, FUSED_TRAIN_MODE)}
         if variant != "full":
-            cases["tablezip TBE, unfused (torch transforms, compaction)"] = (unfused_forward, None)
             if variant == "pruned-10x":
-                cases["tablezip TBE, fused transforms + compaction"] = (configured(True, False), None)
-                cases["tablezip TBE, torch transforms + zero-weight drops"] = (configured(False, True), None)
-                cases["tablezip TBE, zero-weight drops spread over rows"] = (spread_drops_forward(coll, kjt), None)
-            cases["tablezip TBE, per-feature transforms"] = (per_feature_forward, None)
+                cases["tablezip TBE, fused training off (fbgemm backward + fused optimizer)"] = (lambda: coll(kjt).values(), None, "off")
+            cases["tablezip TBE, unfused (torch transforms, compaction)"] = (unfused_forward, None, "off")
+            if variant == "pruned-10x":
+                cases["tablezip TBE, fused transforms + compaction"] = (configured(True, False), None, "off")
+                cases["tablezip TBE, torch transforms + zero-weight drops"] = (configured(False, True), None, "off")
+                cases["tablezip TBE, zero-weight drops spread over rows"] = (spread_drops_forward(coll, kjt), None, "off")
+            cases["tablezip TBE, per-feature transforms"] = (per_feature_forward, None, "off")
         if variant in ("full", "hash-10x"):  # -1 rows of pruned ids are not valid EBC input
-            cases["torchrec EBC"] = (lambda: ebc(remapped()).values(), opt_ebc)
-            cases["nn.EmbeddingBag loop"] = (loop_forward, opt_bags)
-        for impl, (fwd, opt) in cases.items():
+            cases["torchrec EBC"] = (lambda: ebc(remapped()).values(), opt_ebc, "off")
+            cases["nn.EmbeddingBag loop"] = (loop_forward, opt_bags, "off")
+        for impl, (fwd, opt, train_mode) in cases.items():
             with torch.no_grad():
                 f = timed(fwd)
-            t = timed(train(fwd, opt))
-            paired = reference.ratios(fwd, train(fwd, opt)) if impl == "tablezip TBE" else {}
+            fused_before = len(FUSED_STEPS)
+            t = timed(train(fwd, opt, train_mode))
+            train_path = "fused" if len(FUSED_STEPS) > fused_before else "TBE"
+            pair = impl == "tablezip TBE" or impl.startswith("tablezip TBE, fused training off")
+            paired = reference.ratios(fwd, train(fwd, opt, train_mode)) if pair else {}
             looked_up = tables * batch
             records.append({**paired,
-                "variant": variant, "impl": impl, "tables": tables, "rows": rows, "dim": dim, "batch": batch,
+                "variant": variant, "impl": impl, "tables": tables, "rows": rows, "dim": dim, "batch": batch, "train_path": train_path,
                 "batch_groups": len(coll._groups), "batched_equals_per_feature": same,
                 "drop_by_weight": coll.drop_by_weight, **checks,
                 "bytes": coll.memory_bytes(), "fwd_ms": f["median_ms"], "fwd_p90_ms": f["p90_ms"],
@@ -292,10 +306,16 @@ def fused_train_check(features, dim: int, methods, kjt: KeyedJaggedTensor) -> di
     state_diff = max((float((a - b).abs().max()) for a, b in zip(*states)), default=0.0)
     state = fused_train.state_for(twins[0]) if used else None
     buffers = sum(t.numel() * t.element_size() for t in (state.grad, state.flags, state.rows)) if state is not None else 0
+    # MixedDim's projections: dense parameters, their gradient returned by the fused backward.
+    dense = [(a.grad, b.grad) for a, b in zip(twins[0].dense_parameters(), twins[1].dense_parameters()) if b.grad is not None]
+    dense_diff = max((float((a - b).abs().max()) if a is not None else float("inf") for a, b in dense), default=0.0)
+    dense_close = all(a is not None and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6)) for a, b in dense)
     result = {
         "fused_train_used": used, "fused_train_forward_max_abs_diff": float((outs[0] - outs[1]).abs().max()),
         "fused_train_tables_max_abs_diff": tables, "fused_train_tables_allclose": tables <= 1e-5 * scale + 1e-6,
         "fused_train_state_max_abs_diff": state_diff, "fused_train_buffer_bytes": buffers,
+        "fused_train_projection_grads": len(dense), "fused_train_projection_grad_max_abs_diff": dense_diff,
+        "fused_train_projection_grad_allclose": dense_close,
     }  # fmt: skip
     del twins
     return result
@@ -569,19 +589,21 @@ def main() -> None:
     if other:
         lines += ["", "Other methods, default path against the path it replaced (same run, on the GPU):", ""]
         lines += [f"- {variant}: `{json.dumps(c)}`" for variant, c in other.items()]
-    trains = [r for r in result["speed"] if r["variant"] in OTHER_METHODS and r["impl"] == "tablezip TBE"]
+    trains = [r for r in result["speed"] if "fused_train_used" in r and r["impl"] == "tablezip TBE"]
     if trains:
         lines += ["", f"Fused training step (mode {args.fused_train_mode!r}) against the TBE path (fbgemm's backward + fused optimizer), "
                   "one step each on twins: tables / optimizer state max |diff|; steps paired with Full:", "",
-                  "| variant | fused step ran | fused train ms | vs Full, paired | TBE path train ms | vs Full, paired | speed-up | tables max diff | allclose | state max diff | buffers MB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "| variant | fused step ran | fused train ms | vs Full, paired | TBE path train ms | vs Full, paired | speed-up | tables max diff | allclose | state max diff | projection grads max diff (allclose) | buffers MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|"]
         for r in trains:
             off = next((o for o in result["speed"] if o["variant"] == r["variant"] and o["impl"].startswith("tablezip TBE, fused training off")), None)
             pt = f"{r['train_vs_full_paired']:.2f}x" if r.get("train_vs_full_paired") is not None else "-"
             po = f"{off['train_vs_full_paired']:.2f}x" if off and off.get("train_vs_full_paired") is not None else "-"
             lines.append(f"| {r['variant']} | {r['train_path'] == 'fused'} | {r['train_ms']:.3f} | {pt} | {off['train_ms'] if off else float('nan'):.3f} | {po} | "
                          f"{(off['train_ms'] / r['train_ms']) if off else float('nan'):.2f}x | {r['fused_train_tables_max_abs_diff']:.3g} | {r['fused_train_tables_allclose']} | "
-                         f"{r['fused_train_state_max_abs_diff']:.3g} | {r['fused_train_buffer_bytes'] / 2**20:.1f} |")
+                         f"{r['fused_train_state_max_abs_diff']:.3g} | "
+                         + (f"{r['fused_train_projection_grad_max_abs_diff']:.3g} ({r['fused_train_projection_grad_allclose']})" if r["fused_train_projection_grads"] else "-")
+                         + f" | {r['fused_train_buffer_bytes'] / 2**20:.1f} |")
     lines += ["", f"Full, uniform ids, {args.sweep_batch} bags per table, L ids per bag (bytes = rows read + pooled rows written):", "",
               "| L | fwd ms | GB/s | % of copy BW |", "|---:|---:|---:|---:|"]
     for r in result["bag_sweep"]:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -227,6 +227,27 @@ def _mixed_kernel() -> Any:
     _kernel()  # puts the tl.reduce combine (_longest) among this module's globals
 
     @triton.jit
+    def mixed_ranks(ids, live, n, remap_ptr, row, REMAP: tl.constexpr):
+        # Frequency rank of each id (mixed_dim.id_ranks): the OOV rank is n, then the int32 remap
+        # (its offset at row + 3) where there is one. Shared with the fused training kernels
+        # (compress/fused_train.py), so forward and backward find the same rows.
+        ranks = tl.where((ids >= 0) & (ids < n), ids, n)
+        if REMAP:
+            ranks = tl.load(remap_ptr + tl.load(row + 3) + ranks, mask=live, other=0).to(tl.int64)
+        return ranks
+
+    @triton.jit
+    def block_local(ranks, live, row, B: tl.constexpr):
+        # Row of each rank in block B's table and whether the block holds it: an id reads the one
+        # block whose ranks hold it; ranks past every block (>= keep) read none.
+        local = ranks - tl.load(row + 4 + 6 * B)
+        hit = live & (local >= 0) & (local < tl.load(row + 5 + 6 * B))
+        return local, hit
+
+    globals()["_mixed_ranks"] = mixed_ranks
+    globals()["_block_local"] = block_local
+
+    @triton.jit
     def mixed_kernel(
         ids_ptr, offsets_ptr, out_ptr, weights_ptr, remap_ptr, params_ptr, batch, out_stride,
         NB: tl.constexpr, REMAP: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -247,14 +268,11 @@ def _mixed_kernel() -> Any:
         for i in range(0, tl.reduce(lens, 0, _longest)):
             live = in_b & (i < lens)
             ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
-            ranks = tl.where((ids >= 0) & (ids < n), ids, n)  # id_ranks: the OOV rank is n
-            if REMAP:
-                ranks = tl.load(remap_ptr + tl.load(row + 3) + ranks, mask=live, other=0).to(tl.int64)
+            ranks = _mixed_ranks(ids, live, n, remap_ptr, row, REMAP)
             for b in tl.static_range(NB):
-                local = ranks - tl.load(row + 4 + 6 * b)
-                # An id reads the one block whose ranks hold it; ranks past every block (>= keep)
-                # read none: a zero vector, as the TBE path's dropped ids.
-                hit = live & (local >= 0) & (local < tl.load(row + 5 + 6 * b))
+                # Ranks past every block (>= keep) read nothing: a zero vector, as the TBE path's
+                # dropped ids.
+                local, hit = _block_local(ranks, live, row, b)
                 width = tl.load(row + 7 + 6 * b)
                 base = weights_ptr + tl.load(row + 6 + 6 * b) + tl.where(hit, local, 0) * width
                 projection = tl.load(row + 9 + 6 * b)
@@ -391,7 +409,22 @@ def _dense_key(collection: Any) -> tuple:
     return tuple(key)
 
 
-def _build_plan(collection: Any, key: tuple) -> _Plan:
+@dataclass(frozen=True)
+class DenseBlocks:
+    """A layout this module does not know, read as MixedDim-like D-wide blocks: per block its first
+    rank, rows and which of the feature's tables (its index in ``feature_tables``) it reads, after
+    the OOV map and the optional int32 ``remap`` (id -> rank). The fused training step describes
+    Pruned this way (compress/fused_train.py); inference never passes one."""
+
+    starts: tuple[int, ...]
+    rows: tuple[int, ...]
+    slots: tuple[int, ...]
+    remap: torch.Tensor | None
+
+
+def _build_plan(collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks | None] | None = None) -> _Plan:
+    """The kernels' arguments for ``collection``. ``extra``: blocks of the layouts of other types
+    (None: that layout is not supported), for the fused training step's own plan."""
     import numpy as np
 
     from tablezip.compress.compositional import CompositionalLayout
@@ -402,9 +435,11 @@ def _build_plan(collection: Any, key: tuple) -> _Plan:
 
     unsupported = _Plan(key, None, [])
     layouts = list(collection.layouts.values())
-    if not all(type(l) in (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout) for l in layouts):
+    known = (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout)
+    blocks = {i: extra(l) for i, l in enumerate(layouts) if type(l) not in known} if extra is not None else {}
+    if not all(type(l) in known or blocks.get(i) is not None for i, l in enumerate(layouts)):
         return unsupported
-    if not any(isinstance(l, (CompositionalLayout, MultiHashLayout, MixedDimLayout)) for l in layouts):
+    if not blocks and not any(isinstance(l, (CompositionalLayout, MultiHashLayout, MixedDimLayout)) for l in layouts):
         return unsupported  # Full alone is TBE's pooled passthrough already
     try:
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
@@ -421,8 +456,12 @@ def _build_plan(collection: Any, key: tuple) -> _Plan:
     base = min(tables, key=lambda t: t.data_ptr())
     # The lowest-addressed remap is the base: every remap offset is then >= 0.
     remap_list = sorted(
-        (l.remap for l in layouts if isinstance(l, MixedDimLayout) and l.remap is not None), key=lambda r: r.data_ptr()
+        [l.remap for l in layouts if isinstance(l, MixedDimLayout) and l.remap is not None]
+        + [b.remap for b in blocks.values() if b is not None and b.remap is not None],
+        key=lambda r: r.data_ptr(),
     )
+    if any(r.device != base.device or r.dtype != torch.int32 or not r.is_contiguous() for r in remap_list):
+        return unsupported
     for l in layouts:
         if isinstance(l, MixedDimLayout):
             dense = list(l.projections.values()) + ([l.remap] if l.remap is not None else [])
@@ -437,6 +476,15 @@ def _build_plan(collection: Any, key: tuple) -> _Plan:
         slots = collection.feature_tables(feature.name)
         offsets = tuple((tables[t].data_ptr() - base.data_ptr()) // 4 for t in slots)
         mean = feature.pooling.value == "mean"
+        if f in blocks:  # D-wide blocks, no projection (the caller's layouts, e.g. Pruned in training)
+            b = blocks[f]
+            assert b is not None
+            remap_at = None if b.remap is None else (b.remap.data_ptr() - remap_list[0].data_ptr()) // 4
+            mixed.append(MixedLookup(
+                f, feature.num_embeddings, b.starts, b.rows, tuple(offsets[s] for s in b.slots),
+                (collection.dim,) * len(b.starts), (None,) * len(b.starts), remap_at, mean,
+            ))  # fmt: skip
+            continue
         if isinstance(layout, MixedDimLayout):
             # Projections are counted from the weights pointer too (fp32, 4-byte aligned), so the
             # kernel needs no pointer per block; they are read in place, trained or loaded.

@@ -1,6 +1,7 @@
-"""Fused GPU training step for Full + QR/KWay + MultiHash collections: the fused forward lookup
-(compress/fused_lookup.py) as an autograd function whose backward accumulates each touched row's
-gradient with atomics and applies the TBE's own optimizer to those rows in place.
+"""Fused GPU training step for Full + QR/KWay + MultiHash + MixedDim + Pruned collections: the fused
+forward lookup (compress/fused_lookup.py) as an autograd function whose backward accumulates
+each touched row's gradient with atomics and applies the TBE's own optimizer to those rows in
+place (and returns MixedDim's projection gradients to autograd).
 
 Why: the TBE path of ``op="mult"`` looks every id up unpooled (one bag per id and partition),
 multiplies with torch ops and pools with ``index_add_``; its training step adds the product's
@@ -17,6 +18,17 @@ backward over them: 2.5-2.7x Full's step on an H100 (26 x 1M rows, D=64, B=65536
    a dense fp32 buffer laid out like the TBE's weights (``tl.atomic_add``). The first touch of a
    row in the step (an atomic exchange on a per-row flag) appends the row to a list (one atomic
    add per program on a counter, positions by a prefix sum), so nothing scans whole tables;
+   ``mixed_grad_kernel`` does the same for MixedDim (fused_lookup's ``_mixed_ranks`` /
+   ``_block_local``: OOV map, int32 remap, the block holding the rank; ranks past ``keep`` hit
+   no block and get nothing): a D-wide block's row gets ``g``; a projected block's row gets
+   ``g @ P_i`` (the same for every id of the bag, one ``tl.dot`` per bag block), and the
+   projection's gradient ``dL/dP_i^T = sum over bags of pooled_i^T @ g`` (``pooled_i``: the bag's
+   block-``i`` rows, summed in registers while their gradients are added) is one more
+   ``tl.dot`` per bag block, summed over the program's few bag blocks and added once per
+   program and element with atomics (every id of the step hits the same P elements: per-id
+   atomics would serialise). Both dots in IEEE fp32 (no TF32). The projections are ordinary
+   Parameters, inputs of the autograd function, so their gradients reach ``.grad`` and the
+   user's dense optimizer steps them, as on the TBE path;
 3. ``update_kernel``: over the listed rows only (a grid-stride loop bounded by the counter, read
    on the device: no host sync), fbgemm's update formula for the TBE's optimizer, in place in
    its weights and optimizer state, then the buffer row and the flag are cleared; the counter is
@@ -37,22 +49,37 @@ advances the TBE's ``iter`` as its forward does. Exactness: the gradient sums ar
 not fixed, not deterministic run to run) and TBE's backward sums in sorted order, so tables
 match the TBE path allclose, not bit for bit (the tests: rtol 1e-5, atol 1e-6 after 3 steps).
 
+Pruned is expressed as MixedDim's D-wide blocks (``_pruned_blocks``): the OOV map, the remap
+(id -> compact row or -1) as the rank, one block of the ``keep`` rows, so a pruned id reads and
+trains nothing (a zero vector; mean pooling still counts it), as the TBE path's dropped ids
+(compaction, or zero weights on CUDA, whose row-0 gradient is exactly 0). With
+``missing="default"`` a second block over the same table holds rank -1 alone at row ``keep``: the
+shared default row, read and trained as on the TBE path. Without a remap, a prefix: the block's
+``keep`` rows are the ids below ``keep``; ``missing="default"`` without a remap (the default row
+of every id past ``keep``) is no block test, so it keeps the TBE path. Inference keeps the TBE
+path for Pruned (fused_lookup's own plan does not take it; this module builds one with
+``_build_plan(extra=_pruned_blocks)``).
+
 When: grad enabled, ``mode("auto")`` with CUDA ids and Triton importable (``"on"``: any device,
 CPU through Triton's interpreter, as the CPU tests run it; ``"off"``: the TBE path, the
-reference), every feature Full / QR / KWay / MultiHash on fp32 tables of one fbgemm training TBE
-(the inference plan's condition, less MixedDim), the TBE's placeholder requiring grad, its
-tables not cached (no UVM cache), and one of the three optimizers with ``weight_decay`` 0, no
-gradient clipping and no ``max_norm``. Anything else keeps the TBE path.
+reference), every feature Full / QR / KWay / MultiHash / MixedDim / Pruned (above) on fp32
+tables of one fbgemm training TBE (the inference plan's condition; MixedDim projections fp32,
+contiguous, on the tables' device), not Full alone (TBE's own step), the TBE's placeholder
+requiring grad, its tables not cached (no UVM cache), and one of the three optimizers with
+``weight_decay`` 0, no gradient clipping and no ``max_norm``. Anything else keeps the TBE path.
 
 Memory: per collection, allocated once and cached (``_STATES``): a fp32 gradient buffer as large
 as the TBE's weights (the compressed tables: 10x smaller than Full at 10x), an int32 flag and an
-int64 list slot per row (12 bytes per row, 4.7% of a D=64 fp32 row), and a counter.
+int64 list slot per row (12 bytes per row, 4.7% of a D=64 fp32 row; 300% of a 4-wide MixedDim
+row, whose gradient buffer is 16 bytes), and a counter. Per step with MixedDim, a fp32 buffer of
+the projections' gradients (``sum d_i * D`` floats; 26 x 4 x 64 = 26 KB in the benchmark),
+fresh each step since autograd hands it to ``.grad``.
 """
 from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +93,7 @@ BLOCK_ROWS = 32  # rows per program of the update kernel
 GRAD_BLOCK_BAGS = 64  # bags per program of the gradient kernel (more bags: fewer atomics on small tables)
 SMALL_ROWS = 32  # tables of at most this many rows are summed per program before the atomics
 MAX_UPDATE_PROGRAMS = 1024  # the update's grid-stride loop: about 8 programs per H100 SM
+MIXED_BAG_BLOCKS = 8  # MixedDim's gradient: bag blocks per program (fewer atomics on the projections' gradients)
 
 _switch = KernelSwitch()
 mode = _switch.mode
@@ -82,14 +110,16 @@ def enabled_for(ids: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> tuple[Any, Any]:
+def _kernels() -> tuple[Any, Any, Any]:
     """Build the backward and update kernels (once per process; ``TRITON_INTERPRET`` is read
     here)."""
     import triton
     import triton.language as tl
 
     fused_lookup._kernel()  # defines fused_lookup's _partition_row, the rows' maths both share
-    globals()["_partition_row"] = fused_lookup._partition_row
+    fused_lookup._mixed_kernel()  # and its MixedDim rank / block maths
+    for name in ("_partition_row", "_mixed_ranks", "_block_local"):
+        globals()[name] = getattr(fused_lookup, name)
 
     # Combines for tl.reduce / tl.associative_scan: tl.max, tl.sum and tl.cumsum are @jit library
     # functions the CPU interpreter cannot run when Triton was imported before TRITON_INTERPRET
@@ -107,6 +137,26 @@ def _kernels() -> tuple[Any, Any]:
     # the CPU tests); compiled kernels are the same either way.
     globals()["_longest"] = getattr(tl.standard, "_elementwise_max", longest)
     globals()["_add"] = getattr(tl.standard, "_sum_combine", add)
+
+    @triton.jit
+    def list_rows(flags, rows_ptr, count_ptr, r, live, tag, BLOCK_B: tl.constexpr):
+        # First touch of row r (of the table whose first flag is ``flags``) in this step: its flag
+        # goes 0 -> 1 (the exchange decides between programs and lanes; the plain load skips the
+        # atomic for rows already flagged), and the row joins the list as tag | r, at a slot
+        # from one atomic add per program on the counter and a prefix sum over the lanes.
+        flag = flags + tl.where(live, r, 0)
+        seen = tl.load(flag, mask=live, other=1)
+        want = live & (seen == 0)
+        old = tl.atomic_xchg(flag, tl.full([BLOCK_B], 1, tl.int32), mask=want, sem="relaxed")
+        new = want & (old == 0)
+        fresh = new.to(tl.int32)
+        count = tl.reduce(fresh, 0, _add)
+        if count > 0:
+            first = tl.atomic_add(count_ptr, count, sem="relaxed")
+            slot = first + tl.associative_scan(fresh, 0, _add) - 1
+            tl.store(rows_ptr + slot, tag | r, mask=new)
+
+    globals()["_list_rows"] = list_rows
 
     @triton.jit
     def grad_kernel(
@@ -183,20 +233,102 @@ def _kernels() -> tuple[Any, Any]:
                     tl.atomic_add(
                         grad_ptr + at[:, None] + dest[None, :], part_grad, mask=live[:, None] & keep[None, :], sem="relaxed"
                     )  # fmt: skip
-                    # First touch of the row in this step: its flag goes 0 -> 1 (the exchange
-                    # decides between programs and lanes; the plain load skips the atomic for
-                    # rows already flagged), and the row joins the list.
-                    flag = flags_ptr + first_flag + digit
-                    seen = tl.load(flag, mask=live, other=1)
-                    want = live & (seen == 0)
-                    old = tl.atomic_xchg(flag, tl.full([BLOCK_B], 1, tl.int32), mask=want, sem="relaxed")
-                    new = want & (old == 0)
-                    fresh = new.to(tl.int32)
-                    count = tl.reduce(fresh, 0, _add)
-                    if count > 0:
-                        first = tl.atomic_add(count_ptr, count, sem="relaxed")  # one atomic per program
-                        slot = first + tl.associative_scan(fresh, 0, _add) - 1
-                        tl.store(rows_ptr + slot, tag | digit, mask=new)
+                    _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, digit, live, tag, BLOCK_B)
+
+    @triton.jit
+    def bag_grads(offsets_ptr, grad_out_ptr, feature, mean, first, batch, grad_out_stride, cols, in_d,
+                  DIM: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+        # Bags [first, first + BLOCK_B) of a feature: (in range, first id, length, upstream
+        # gradient [BLOCK_B, BLOCK_D], divided by the bag length for mean pooling, IEEE as torch).
+        bags = first + tl.arange(0, BLOCK_B)
+        in_b = bags < batch
+        starts = tl.load(offsets_ptr + feature * batch + bags, mask=in_b, other=0)
+        lens = tl.load(offsets_ptr + feature * batch + bags + 1, mask=in_b, other=0) - starts
+        grad = tl.load(
+            grad_out_ptr + bags[:, None] * grad_out_stride + feature * DIM + cols[None, :],
+            mask=in_b[:, None] & in_d[None, :], other=0.0,
+        )  # fmt: skip
+        denom = tl.broadcast_to(tl.maximum(lens, 1).to(tl.float32)[:, None], (BLOCK_B, cols.shape[0]))
+        grad = tl.where(mean != 0, tl.math.div_rn(grad, denom), grad)
+        return in_b, starts, lens, grad
+
+    globals()["_bag_grads"] = bag_grads
+
+    @triton.jit
+    def mixed_grad_kernel(
+        ids_ptr, offsets_ptr, grad_out_ptr, weights_ptr, remap_ptr, grad_ptr, flags_ptr, rows_ptr, count_ptr,
+        proj_grad_ptr, params_ptr, batch, grad_out_stride,
+        NB: tl.constexpr, REMAP: tl.constexpr, PROJ: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, TABLE_SHIFT: tl.constexpr,
+    ):  # fmt: skip
+        # MixedDim (and Pruned, as D-wide blocks). params row: fused_lookup's mixed row (feature,
+        # num_embeddings, mean, remap offset, per block: first rank, rows, table offset, width,
+        # projected, projection offset), then per block: first flag, table index, element offset
+        # of its projection's gradient in proj_grad. PROJ: bit b set where block b is projected
+        # (in every feature of the group). A program covers the bag blocks pid, pid + programs,
+        # ... (a few: MIXED_BAG_BLOCKS), so its projection gradients sum over more bags before
+        # the one atomic add per element.
+        row = params_ptr + tl.program_id(1) * (4 + 9 * NB)
+        feature = tl.load(row)
+        n = tl.load(row + 1)
+        mean = tl.load(row + 2)
+        cols = tl.arange(0, BLOCK_D)
+        in_d = cols < DIM
+        begin = tl.program_id(0).to(tl.int64) * BLOCK_B
+        stride = tl.num_programs(0).to(tl.int64) * BLOCK_B
+        for b in tl.static_range(NB):
+            # One pass over the bags per block (ids, ranks and gradients are re-read per block:
+            # cached), so each projected block's sums are loop-carried tiles.
+            table_at = tl.load(row + 6 + 6 * b)
+            width = tl.load(row + 7 + 6 * b)
+            first_flag = tl.load(row + 4 + 6 * NB + 3 * b)
+            tag = tl.load(row + 5 + 6 * NB + 3 * b) << TABLE_SHIFT
+            if (PROJ >> b) & 1:
+                # out = sum over the bag's ids of row @ P_i^T, so every id of the bag in block b
+                # gets the same row gradient g @ P_i (P_i^T is [width, D], read here as its
+                # transpose), and dL/dP_i^T = sum over bags of pooled_i^T @ g, pooled_i the sum of
+                # the bag's block-b rows (read before any update: the update is a later launch).
+                wcols = tl.arange(0, BLOCK_W)
+                in_w = wcols < width
+                projection = tl.load(row + 9 + 6 * b)
+                p = tl.load(
+                    weights_ptr + projection + wcols[None, :] * DIM + cols[:, None], mask=in_d[:, None] & in_w[None, :], other=0.0
+                )  # fmt: skip
+                total = tl.full([BLOCK_W, BLOCK_D], 0.0, tl.float32)
+                for first in range(begin, batch, stride):
+                    in_b, starts, lens, grad = _bag_grads(
+                        offsets_ptr, grad_out_ptr, feature, mean, first, batch, grad_out_stride, cols, in_d, DIM, BLOCK_B
+                    )  # fmt: skip
+                    row_grad = tl.dot(grad, p, input_precision="ieee")  # [BLOCK_B, BLOCK_W], fp32 FMAs (no TF32)
+                    pooled = tl.full([BLOCK_B, BLOCK_W], 0.0, tl.float32)
+                    for i in range(0, tl.reduce(lens, 0, _longest)):
+                        live = in_b & (i < lens)
+                        ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
+                        local, hit = _block_local(_mixed_ranks(ids, live, n, remap_ptr, row, REMAP), live, row, b)
+                        cells = (table_at + tl.where(hit, local, 0) * width)[:, None] + wcols[None, :]
+                        inside = hit[:, None] & in_w[None, :]
+                        pooled += tl.load(weights_ptr + cells, mask=inside, other=0.0)
+                        tl.atomic_add(grad_ptr + cells, row_grad, mask=inside, sem="relaxed")
+                        _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, local, hit, tag, BLOCK_B)
+                    total += tl.dot(tl.trans(pooled), grad, input_precision="ieee")  # [BLOCK_W, BLOCK_D]
+                # Every id of the step adds to the same P_i elements, so the program sums its
+                # bags first and adds once: per-id atomics would serialise on those addresses.
+                at = tl.load(row + 6 + 6 * NB + 3 * b) + wcols[:, None] * DIM + cols[None, :]
+                tl.atomic_add(proj_grad_ptr + at, total, mask=in_w[:, None] & in_d[None, :], sem="relaxed")
+            else:  # a D-wide block: the row itself, so the row gradient is g
+                for first in range(begin, batch, stride):
+                    in_b, starts, lens, grad = _bag_grads(
+                        offsets_ptr, grad_out_ptr, feature, mean, first, batch, grad_out_stride, cols, in_d, DIM, BLOCK_B
+                    )  # fmt: skip
+                    for i in range(0, tl.reduce(lens, 0, _longest)):
+                        live = in_b & (i < lens)
+                        ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
+                        local, hit = _block_local(_mixed_ranks(ids, live, n, remap_ptr, row, REMAP), live, row, b)
+                        at = table_at + tl.where(hit, local, 0) * width
+                        tl.atomic_add(
+                            grad_ptr + at[:, None] + cols[None, :], grad, mask=hit[:, None] & in_d[None, :], sem="relaxed"
+                        )  # fmt: skip
+                        _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, local, hit, tag, BLOCK_B)
 
     @triton.jit
     def update_kernel(
@@ -238,7 +370,7 @@ def _kernels() -> tuple[Any, Any]:
             tl.store(grad_ptr + cells, tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32), mask=inside)
             tl.store(flags_ptr + tl.load(info + 2, mask=live, other=0) + r, tl.full([BLOCK_R], 0, tl.int32), mask=live)
 
-    return grad_kernel, update_kernel
+    return grad_kernel, mixed_grad_kernel, update_kernel
 
 
 # -- the collection's side -------------------------------------------------------------------
@@ -260,9 +392,15 @@ class _TrainState:
     rows: torch.Tensor  # int64 list of the rows touched in the step
     count: torch.Tensor  # int32 [1]: rows listed
     params: dict
+    # MixedDim's projection Parameters (the autograd function's inputs, in this order) and the
+    # element offset of each one's gradient in the step's flat gradient buffer.
+    projections: list[torch.nn.Parameter] = field(default_factory=list)
+    projection_at: list[int] = field(default_factory=list)
+    projection_elements: int = 0
 
 
 _STATES: "weakref.WeakKeyDictionary[Any, tuple[tuple, _TrainState | None]]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # plans with Pruned features
 
 
 def _optimizer_kind(tbe: Any) -> int | None:
@@ -287,16 +425,59 @@ def _state_key(tbe: Any) -> tuple:
     )
 
 
+def _pruned_blocks(layout: Any) -> "fused_lookup.DenseBlocks | None":
+    """Pruned as fused_lookup's D-wide blocks: the OOV map, then the remap (id -> compact row or
+    -1) as the rank, and one block of the ``keep`` rows, so a pruned id (-1, or a prefix id past
+    ``keep``) hits no block and reads a zero vector. ``missing="default"`` with a remap adds a
+    second block over the same table that holds rank -1 alone, at row ``keep`` (the shared
+    default row, trained like any row, as on the TBE path). Without a remap the default row is
+    the row of every id past ``keep``, which no block test expresses: None (the TBE path).
+    Anything other than Pruned: None."""
+    from tablezip.compress.pruned import PrunedLayout
+
+    if type(layout) is not PrunedLayout:
+        return None
+    keep = layout.keep
+    if not layout.uses_remap:
+        return None if layout.default else fused_lookup.DenseBlocks((0,), (keep,), (0,), None)
+    if layout.default:  # ranks are -1 or in [0, keep): block 1 ([-keep - 1, 0)) holds -1 only
+        return fused_lookup.DenseBlocks((0, -keep - 1), (keep, keep + 1), (0, 0), layout.remap)
+    return fused_lookup.DenseBlocks((0,), (keep,), (0,), layout.remap)
+
+
+def plan_for(collection: Any) -> Any:
+    """The forward's plan: fused_lookup's (shared with inference), or for collections with Pruned
+    features (which inference keeps on the TBE path) the same builder with ``_pruned_blocks``,
+    cached here; rebuilt when the storage, the projections or a remap moved."""
+    from tablezip.compress.pruned import PrunedLayout
+
+    pruned = [l for l in collection.layouts.values() if type(l) is PrunedLayout]
+    if not pruned:
+        return fused_lookup.plan_for(collection)
+    key = (
+        fused_lookup._storage_key(collection.tbe)
+        + fused_lookup._dense_key(collection)
+        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in pruned)
+    )
+    plan = _PLANS.get(collection)
+    if plan is None or plan.key != key:
+        plan = _PLANS[collection] = fused_lookup._build_plan(collection, key, extra=_pruned_blocks)
+    return plan
+
+
 def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
     from tablezip.compress.compositional import CompositionalLayout
     from tablezip.compress.full import FullLayout
+    from tablezip.compress.mixed_dim import MixedDimLayout
     from tablezip.compress.multihash import MultiHashLayout
+    from tablezip.compress.pruned import PrunedLayout
 
     tbe = collection.tbe
     kind = _optimizer_kind(tbe)
-    if kind is None or plan.weights is None or plan.mixed:
+    if kind is None or plan.weights is None:
         return None
-    if not all(type(l) in (FullLayout, CompositionalLayout, MultiHashLayout) for l in collection.layouts.values()):
+    supported = (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout, PrunedLayout)
+    if not all(type(l) in supported for l in collection.layouts.values()):
         return None
     cache = getattr(tbe, "lxu_cache_weights", None)
     if isinstance(cache, torch.Tensor) and cache.numel() > 0:
@@ -324,26 +505,47 @@ def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
     span = max(at + t.numel() for at, t in zip(weight_at, tables))
     device = base.device
     info = torch.tensor(list(zip(weight_at, widths, row_base, state_at)), dtype=torch.int64, device=device)
-    # Each feature's partitions -> (table index, first flag): from the plan's table offsets.
+    # Each feature's partitions / blocks -> (first flag, table index): from the plan's table offsets.
     extra = {}
     for f in plan.features:
         slots = [table_of[offset] for offset in f.table_offsets]
         extra[f.feature] = [x for t in slots for x in (row_base[t], t)]
+    # MixedDim blocks: (first flag, table index, offset of the projection's gradient); the
+    # projection Parameters in the order of their gradients.
+    layouts = list(collection.layouts.values())
+    projections: list[torch.nn.Parameter] = []
+    projection_at: list[int] = []
+    elements = 0
+    for m in plan.mixed:
+        values = []
+        for b, offset in enumerate(m.table_offsets):
+            t = table_of[offset]
+            at = 0
+            if m.projection_offsets[b] is not None:
+                p = layouts[m.feature].projection_of(b)
+                assert (p.data_ptr() - base.data_ptr()) // 4 == m.projection_offsets[b]  # the plan's own tensor
+                at = elements
+                projections.append(p)
+                projection_at.append(at)
+                elements += p.numel()
+            values += [row_base[t], t, at]
+        extra[("mixed", m.feature)] = values
     return _TrainState(
         key=key, plan=plan, optimizer=kind, state=state, tables=info, max_width=max(widths),
-        max_partitions=max(len(f.partitions) for f in plan.features), total_rows=total,
+        max_partitions=max([len(f.partitions) for f in plan.features] + [1]), total_rows=total,
         grad=torch.zeros(span, dtype=torch.float32, device=device),
         flags=torch.zeros(total, dtype=torch.int32, device=device),
         rows=torch.empty(total, dtype=torch.int64, device=device),
         count=torch.zeros(1, dtype=torch.int32, device=device),
-        params={"extra": extra},
+        params={"extra": extra}, projections=projections, projection_at=projection_at, projection_elements=elements,
     )  # fmt: skip
 
 
 def state_for(collection: Any) -> _TrainState | None:
     """The collection's training state, or None where its training keeps the TBE path; rebuilt
-    (buffers included) when the TBE's weights or optimizer state moved."""
-    plan = fused_lookup.plan_for(collection)
+    (buffers included) when the TBE's weights, its optimizer state, a projection or a remap
+    moved."""
+    plan = plan_for(collection)
     key = plan.key + _state_key(collection.tbe)
     cached = _STATES.get(collection)
     if cached is None or cached[0] != key:
@@ -351,14 +553,19 @@ def state_for(collection: Any) -> _TrainState | None:
     return cached[1]
 
 
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
 def backward_step(
     state: _TrainState, tbe: Any, ids: torch.Tensor, offsets: torch.Tensor, grad_out: torch.Tensor, batch: int, dim: int
-) -> None:
+) -> torch.Tensor | None:
     """Accumulate the rows' gradients of ``grad_out`` ([batch, F * dim]) and apply the TBE's
-    optimizer to the touched rows (see the module docstring)."""
-    grad_kernel, update_kernel = _kernels()
+    optimizer to the touched rows (see the module docstring). Returns the MixedDim projections'
+    gradients (fp32, flat, at ``state.projection_at``), None without projections."""
+    grad_kernel, mixed_grad_kernel, update_kernel = _kernels()
     grad_out = grad_out.contiguous()
-    block_d = 1 << max(0, (dim - 1).bit_length())
+    block_d = _pow2(dim)
     groups: dict[tuple[int, str, int, int], list[Any]] = {}
     for f in state.plan.features:
         small = sum(1 << j for j, rows in enumerate(f.partitions) if rows <= SMALL_ROWS)
@@ -383,40 +590,83 @@ def backward_step(
             MIX1=fused_lookup._MIX[0], MIX2=fused_lookup._MIX[1], TABLE_SHIFT=TABLE_BITS, SMALL=small,
             num_warps=fused_lookup.NUM_WARPS,
         )  # fmt: skip
+    projection_grad = None
+    if state.projection_elements:
+        projection_grad = torch.zeros(state.projection_elements, dtype=torch.float32, device=ids.device)
+    mixed_groups: dict[tuple[int, bool, int], list[Any]] = {}
+    for m in state.plan.mixed:
+        projected = sum(1 << b for b, p in enumerate(m.projection_offsets) if p is not None)
+        mixed_groups.setdefault((len(m.starts), m.remap_offset is not None, projected), []).append(m)
+    for (nb, remapped, projected), members in mixed_groups.items():
+        key = ("mixed", nb, remapped, projected, tuple(members))
+        params = state.params.get(key)
+        if params is None:
+            rows = [
+                [m.feature, m.num_embeddings, int(m.mean), m.remap_offset or 0]
+                + [
+                    x
+                    for b, p in enumerate(m.projection_offsets)
+                    for x in (m.starts[b], m.rows[b], m.table_offsets[b], m.widths[b], int(p is not None), p or 0)
+                ]
+                + extra[("mixed", m.feature)]
+                for m in members
+            ]
+            params = state.params[key] = torch.tensor(rows, dtype=torch.int64, device=ids.device)
+        # tl.dot wants every side >= 16: the tiles are padded (masked) up to it.
+        widths = [w for m in members for w, p in zip(m.widths, m.projection_offsets) if p is not None]
+        block_w = max(16, _pow2(max(widths, default=16)))
+        programs = -(-batch // (GRAD_BLOCK_BAGS * MIXED_BAG_BLOCKS))
+        mixed_grad_kernel[(programs, len(members))](
+            ids, offsets, grad_out, state.plan.weights, state.plan.remaps if remapped else params, state.grad,
+            state.flags, state.rows, state.count, projection_grad if projection_grad is not None else state.grad,
+            params, batch, grad_out.stride(0),
+            NB=nb, REMAP=remapped, PROJ=projected, DIM=dim, BLOCK_B=GRAD_BLOCK_BAGS, BLOCK_D=max(16, block_d),
+            BLOCK_W=block_w, TABLE_SHIFT=TABLE_BITS, num_warps=fused_lookup.NUM_WARPS,
+        )  # fmt: skip
     # At most one list entry per id and partition (and per row): the grid covers that bound,
     # the loop inside stops at the device-side count, so the host never waits for it.
     bound = min(state.total_rows, ids.numel() * state.max_partitions)
     programs = max(1, min(MAX_UPDATE_PROGRAMS, -(-bound // BLOCK_ROWS)))
-    block_w = 1 << max(0, (state.max_width - 1).bit_length())
+    block_w = _pow2(state.max_width)
     update_kernel[(programs,)](
         state.rows, state.count, state.grad, state.flags, state.plan.weights, state.state, state.tables,
         float(tbe.learning_rate_tensor), float(tbe.optimizer_args.eps),
         OPT=state.optimizer, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_w, TABLE_SHIFT=TABLE_BITS, num_warps=fused_lookup.NUM_WARPS,
     )  # fmt: skip
     state.count.zero_()
+    return projection_grad
 
 
 class _FusedTrainLookup(torch.autograd.Function):
-    """Pooled forward from the fused lookup kernel; the backward is the fused optimizer step, as
-    TBE's own autograd function does it (the TBE's placeholder is the input that carries grad)."""
+    """Pooled forward from the fused lookup kernels; the backward is the fused optimizer step, as
+    TBE's own autograd function does it (the TBE's placeholder is the input that carries grad),
+    and returns the MixedDim projections' gradients (inputs after ``batch``), which the user's
+    dense optimizer applies, as on the TBE path."""
 
     @staticmethod
     def forward(ctx: Any, placeholder: torch.Tensor, collection: Any, state: _TrainState, ids: torch.Tensor,
-                offsets: torch.Tensor, batch: int) -> torch.Tensor:  # fmt: skip
+                offsets: torch.Tensor, batch: int, *projections: torch.Tensor) -> torch.Tensor:  # fmt: skip
         plan = state.plan
+        # The kernels read the projections in place (counted from the weights pointer): the
+        # arguments only carry them through autograd.
         out = fused_lookup.pooled_lookup(
-            ids, offsets, batch, len(collection.features), collection.dim, plan.weights, plan.features, plan.params
-        )
+            ids, offsets, batch, len(collection.features), collection.dim, plan.weights, plan.features, plan.params,
+            plan.mixed, plan.remaps,
+        )  # fmt: skip
         ctx.save_for_backward(ids, offsets)
         ctx.collection, ctx.state, ctx.batch = collection, state, batch
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ids, offsets = ctx.saved_tensors
-        collection = ctx.collection
-        backward_step(ctx.state, collection.tbe, ids, offsets, grad_out, ctx.batch, collection.dim)
-        return None, None, None, None, None, None
+        collection, state = ctx.collection, ctx.state
+        flat = backward_step(state, collection.tbe, ids, offsets, grad_out, ctx.batch, collection.dim)
+        grads = tuple(
+            flat[at : at + p.numel()].view_as(p) if flat is not None and ctx.needs_input_grad[6 + i] else None
+            for i, (p, at) in enumerate(zip(state.projections, state.projection_at))
+        )
+        return (None, None, None, None, None, None) + grads
 
 
 def _advance_iter(tbe: Any, kind: int) -> None:
@@ -447,5 +697,5 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
         return None
     _advance_iter(collection.tbe, state.optimizer)
     return _FusedTrainLookup.apply(
-        placeholder, collection, state, ids.contiguous(), offsets.to(torch.int64).contiguous(), batch
+        placeholder, collection, state, ids.contiguous(), offsets.to(torch.int64).contiguous(), batch, *state.projections
     )

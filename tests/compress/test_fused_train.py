@@ -1,6 +1,8 @@
 """The fused training step (compress/fused_train.py) against the TBE path: after each of three
 steps of each optimizer, the forward output, the TBE's weights and its optimizer state are
-allclose (rtol 1e-5, atol 1e-6) to a twin collection trained on the TBE path with the same ids.
+allclose (rtol 1e-5, atol 1e-6) to a twin collection trained on the TBE path with the same ids;
+for MixedDim also the projections' gradients and, after a torch optimizer's step on them, the
+projections themselves.
 
 CI has no GPU and no Triton: the kernel tests skip there. With Triton installed they run the
 kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set before the kernels are built)
@@ -15,7 +17,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import KWay, QR, Full, MixedDim, MultiHash, fused_lookup, fused_train
+from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_lookup, fused_train
+from tablezip.compress.pruned import remap_for
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -86,11 +89,18 @@ def twins(features, methods, optimizer: TableOptimizer) -> tuple[CompressedEmbed
     return tuple(CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=optimizer, seed=3) for _ in range(2))
 
 
-def train_both(fused, reference, kjts, check_state: bool = True) -> None:
+def train_both(fused, reference, kjts, check_state: bool = True, dense: str | None = None) -> None:
     """One step per KJT on each twin (fused under the current mode, the reference with the fused
     training path off), with a loss whose gradient differs per bag and column; after each step
-    the outputs, tables and optimizer state must be allclose."""
+    the outputs, tables and optimizer state must be allclose. ``dense`` ("sgd" or "adagrad"): a
+    torch optimizer steps each twin's dense parameters (MixedDim's projections) after every
+    backward; their gradients and, after the step, their values must be allclose too."""
     weight = torch.linspace(-1, 1, len(fused.features) * DIM)
+    optimizers = []
+    if dense is not None:
+        make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.3), "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1)}[dense]
+        optimizers = [make(coll.dense_parameters()) for coll in (fused, reference)]
+        assert fused.dense_parameters(), "no dense parameters to check"
     for step, kjt in enumerate(kjts):
         out = fused(kjt).values()
         with fused_train.mode("off"):
@@ -98,6 +108,16 @@ def train_both(fused, reference, kjts, check_state: bool = True) -> None:
         torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"forward, step {step}: {m}")
         (out.pow(2) * weight).sum().backward()
         (expected.pow(2) * weight).sum().backward()
+        if optimizers:
+            pairs = list(zip(fused.layouts.named_parameters(), reference.layouts.named_parameters()))
+            for (name, a), (_, b) in pairs:
+                assert b.grad is not None and a.grad is not None, f"{name}: no gradient, step {step}"
+                torch.testing.assert_close(a.grad, b.grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}.grad, step {step}: {m}")
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for (name, a), (_, b) in pairs:
+                torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} after the step, step {step}: {m}")
         for t, (a, b) in enumerate(zip(fused.table_weights(), reference.table_weights())):
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"table {t}, step {step}: {m}")
         if check_state and fused.tbe.optimizer.name != "EXACT_SGD":
@@ -174,14 +194,17 @@ def test_unsupported_optimizer_settings_fall_back(interpreted, monkeypatch, repl
 
 @needs_triton
 def test_other_collections_fall_back(interpreted, monkeypatch):
-    """MixedDim (not covered), Full alone (TBE's own pooled lookup) and a TBE whose placeholder
-    does not require grad keep the TBE path, and still train like it."""
+    """Hash (not covered), Pruned's default row without a remap (no block test expresses it),
+    Full alone (TBE's own pooled lookup) and a TBE whose placeholder does not require grad keep
+    the TBE path, and still train like it."""
     calls = spy(monkeypatch)
-    features = [FeatureSpec("full", 40), FeatureSpec("md", 600, counts=torch.arange(600, 0, -1).tolist())]
-    mixed = twins(features, {"full": Full(), "md": MixedDim(dims=(DIM, 4), sizes=(50, 550))}, TableOptimizer())
-    train_both(*mixed, batches(["full", "md"], 4)[:2])
+    features = [FeatureSpec("full", 40), FeatureSpec("other", 600)]
+    for other in (Hash(rows=70), Pruned(keep=50, missing="default", remap=False)):
+        pair = twins(features, {"full": Full(), "other": other}, TableOptimizer())
+        train_both(*pair, batches(["full", "other"], 4)[:2])
+        assert fused_train.state_for(pair[0]) is None
     full = twins(features, None, TableOptimizer())
-    train_both(*full, batches(["full", "md"], 5)[:2])
+    train_both(*full, batches(["full", "other"], 5)[:2])
     frozen = twins(FEATURES, METHODS, TableOptimizer())
     frozen[0].tbe.placeholder_autograd_tensor.requires_grad_(False)
     frozen[0](batches(NAMES, 6)[0]).values().sum().backward()  # TBE's autograd (its weights)
@@ -198,3 +221,121 @@ def test_multihash_probes_sharing_a_row(interpreted, monkeypatch):
     fused, reference = twins(features, methods, TableOptimizer(kind="adagrad"))
     train_both(fused, reference, batches(["a", "b"], 7))
     assert len(calls) == 3
+
+
+# -- MixedDim: projected and D-wide blocks, remap, keep; the projections trained by torch ----------
+# md: four blocks (D-wide, 8, 4 and 12 wide), ranks by unsorted counts (an int32 remap), and the
+# rarest 130 ids dropped (keep). md_mean: a projected block then a D-wide one holding the OOV row,
+# ids in rank order (no remap), mean pooling. md_one: one 8-wide block (the benchmark's shape).
+MD_COUNTS = torch.randperm(600, generator=torch.Generator().manual_seed(11)).tolist()
+MD_FEATURES = [
+    FeatureSpec("full", 40), FeatureSpec("md", 600, counts=MD_COUNTS), FeatureSpec("md_mean", 300, pooling="mean"),
+    FeatureSpec("md_one", 200),
+]  # fmt: skip
+MD_METHODS = {
+    "full": Full(), "md": MixedDim(dims=(DIM, 8, 4, 12), sizes=(20, 80, 200, 300), keep=470),
+    "md_mean": MixedDim(dims=(12, DIM), sizes=(100, 200)), "md_one": MixedDim(dims=(8,), sizes=(200,)),
+}  # fmt: skip
+MD_NAMES = [f.name for f in MD_FEATURES]
+
+
+@needs_triton
+@pytest.mark.parametrize("optimizer,dense", [("rowwise_adagrad", "sgd"), ("adagrad", "adagrad"), ("sgd", "sgd")])
+def test_mixed_dim_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer, dense):
+    """Outputs, projection gradients, projections after the dense step, tables and optimizer
+    state, over one-id / empty / repeated-id / longer bags (ids up to 500: the rarest ranks of
+    md, past keep, read and train nothing)."""
+    calls = spy(monkeypatch)
+    fused, reference = twins(MD_FEATURES, MD_METHODS, TableOptimizer(kind=optimizer, lr=0.05))
+    assert fused.layouts["md"].remap is not None and fused.layouts["md"].keep == 470
+    train_both(fused, reference, batches(MD_NAMES, 8), dense=dense)
+    assert len(calls) == 3
+    state = fused_train.state_for(fused)
+    assert state is not None and len(state.projections) == 5  # md's three, md_mean's and md_one's
+    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+
+
+@needs_triton
+def test_mixed_dim_programs_loop_over_bag_blocks(interpreted, monkeypatch):
+    """Blocks of 16 bags, two per program, 70 bags: programs that loop over several bag blocks
+    (their projection sums carried across them) and a last, partial block."""
+    monkeypatch.setattr(fused_train, "GRAD_BLOCK_BAGS", 16)
+    monkeypatch.setattr(fused_train, "MIXED_BAG_BLOCKS", 2)
+    calls = spy(monkeypatch)
+    fused, reference = twins(MD_FEATURES, MD_METHODS, TableOptimizer(lr=0.05))
+    g = torch.Generator().manual_seed(13)
+    kjts = []
+    for _ in range(2):
+        lengths = torch.randint(0, 4, (len(MD_NAMES) * 70,), generator=g)
+        kjts.append(KeyedJaggedTensor(keys=MD_NAMES, values=torch.randint(-3, 650, (int(lengths.sum()),), generator=g), lengths=lengths))
+    train_both(fused, reference, kjts, dense="sgd")
+    assert len(calls) == 2
+
+
+@needs_triton
+def test_mixed_dim_projection_gradient_without_grad_is_none(interpreted, monkeypatch):
+    """A frozen projection (requires_grad False) gets no gradient; the tables still train."""
+    calls = spy(monkeypatch)
+    fused, reference = twins(MD_FEATURES, MD_METHODS, TableOptimizer(lr=0.05))
+    for coll in (fused, reference):
+        coll.layouts["md"].projections["1"].requires_grad_(False)
+    train_both(fused, reference, batches(MD_NAMES, 9)[:2])
+    assert len(calls) == 2 and fused.layouts["md"].projections["1"].grad is None
+    assert fused.layouts["md"].projections["2"].grad is not None
+
+
+# -- Pruned: remap (a scattered one), prefix, default row ---------------------------------
+PRUNED_FEATURES = [
+    FeatureSpec("full", 40), FeatureSpec("zero", 300), FeatureSpec("default", 300, pooling="mean"),
+    FeatureSpec("prefix", 400), FeatureSpec("prefix_mean", 300, pooling="mean"), FeatureSpec("qr", 300),
+]  # fmt: skip
+PRUNED_METHODS = {
+    "full": Full(), "zero": Pruned(keep=90), "default": Pruned(keep=70, missing="default"),
+    "prefix": Pruned(keep=150, remap=False), "prefix_mean": Pruned(keep=301, remap=False), "qr": QR(collisions=7),
+}  # fmt: skip
+PRUNED_NAMES = [f.name for f in PRUNED_FEATURES]
+
+
+def pruned_twins(optimizer: TableOptimizer):
+    """Twins whose remaps keep scattered ids (as prune_collection leaves them), not a prefix."""
+    pair = twins(PRUNED_FEATURES, PRUNED_METHODS, optimizer)
+    g = torch.Generator().manual_seed(12)
+    for name in ("zero", "default"):
+        kept = torch.randperm(301, generator=g)[: pair[0].layouts[name].keep].sort().values  # 300: the OOV id
+        for coll in pair:
+            coll.layouts[name].remap.copy_(remap_for(kept, 300))
+    return pair
+
+
+@needs_triton
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_pruned_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer):
+    """Pruned ids read nothing and train nothing (zero), or read and train the shared default
+    row; prefix layouts keep ids below keep (prefix_mean: every id and the OOV id); mean pooling
+    counts pruned ids; beside Full and QR."""
+    calls = spy(monkeypatch)
+    fused, reference = pruned_twins(TableOptimizer(kind=optimizer, lr=0.05))
+    # A fourth step of the ids at every keep boundary (keep - 1, keep, keep + 1), at n and past
+    # it (the OOV id), and negative ones, one per bag, then two bags of seven.
+    edges = torch.tensor([-2, -1, 0, 69, 70, 71, 89, 90, 91, 149, 150, 151, 299, 300, 301, 399, 400, 401])
+    per_feature = torch.cat([edges, edges[:7], edges[-7:]])
+    lengths = torch.cat([torch.ones(len(edges), dtype=torch.long), torch.tensor([7, 7])]).repeat(len(PRUNED_NAMES))
+    edge_kjt = KeyedJaggedTensor(keys=PRUNED_NAMES, values=per_feature.repeat(len(PRUNED_NAMES)), lengths=lengths)
+    train_both(fused, reference, batches(PRUNED_NAMES, 10) + [edge_kjt])
+    assert len(calls) == 4
+    state = fused_train.state_for(fused)
+    assert state is not None and len(state.plan.mixed) == 4 and not state.projections
+    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+    default = fused.table_weights()[fused.feature_tables("default")[0]]
+    twin = reference.table_weights()[reference.feature_tables("default")[0]]
+    assert not torch.equal(default[-1], twins(PRUNED_FEATURES, PRUNED_METHODS, TableOptimizer())[0].table_weights()[
+        fused.feature_tables("default")[0]][-1])  # the default row trained
+    torch.testing.assert_close(default[-1], twin[-1], rtol=RTOL, atol=ATOL)
+
+
+@needs_triton
+def test_pruned_inference_keeps_the_tbe_path(interpreted):
+    """The training plan covers Pruned; the inference plan (fused_lookup) still does not."""
+    fused, _ = pruned_twins(TableOptimizer())
+    assert fused_lookup.plan_for(fused).weights is None
+    assert fused_train.plan_for(fused).weights is not None
