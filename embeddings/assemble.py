@@ -105,6 +105,29 @@ class AssemblePlan:
         # each row one longer contiguous stretch). False: one copy per op. Copies either way.
         self.merge_runs = True
         self.runs, self.in_run = _identity_runs(ops, dim)
+        # True: runs of consecutive single-slot "project" ops of one slot width whose slots and
+        # vectors are evenly spaced in TBE's output and in the output (``_op_runs``: MixedDim
+        # features of one block of one width next to each other, as the fitters make them) run as
+        # ONE ``bmm`` per run on 3-D strided views, forward and backward ([r, B, w] slots times the
+        # run's stacked [r, w, D] weights; one gradient materialisation per run), instead of one
+        # ``mm`` per feature (md at 10x: 54 products per step -> 30). Measured small: the md
+        # collection's assemble alone 5.96 -> 5.62 ms (hot), its whole step -2..4%, about the
+        # noise (the products are bound by their strided column reads and writes, not dispatch).
+        # Bitwise equal: CPU ``bmm`` runs the same GEMM per matrix as ``mm`` (tested in
+        # tests/embeddings/test_assemble.py). Not for QR/KWay's products: the same idea as one
+        # elementwise product over [B, r, D] views measured ~2x slower than r column products
+        # (TensorIterator then steps row by row through 16-float pieces). False: one op per
+        # feature (the "before" of that change in benchmarks/NOTES.md).
+        self.batch_runs = True
+        self.op_runs = _op_runs(ops, dim)
+        self.in_op_run = [False] * len(ops)
+        for run in self.op_runs:
+            for i in run.ops:
+                self.in_op_run[i] = True
+        # Index into ``weights()`` of each run's projections, in op order.
+        self.run_weights = [[self.projections_of[i][0][1] for i in run.ops] for run in self.op_runs]
+        # Widest gradient block a run or op may need materialised (see ``_Assemble.backward``).
+        self.scratch_width = max([dim] + [len(run.ops) * dim for run in self.op_runs])
         # True: a plan of identity ops only (no MEAN, every slot D wide: unified, whose shared
         # table's slots come out of TBE grouped, not in feature order) fills its output with ONE
         # ``index_select`` of [B, slots, D] along the slots, which copies row after row (measured
@@ -248,6 +271,48 @@ def _identity_runs(ops: list[_Op], dim: int) -> tuple[list[tuple[int, int, int]]
     return runs, in_run
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Consecutive "project" ops (``ops``, two or more, op order) that one ``bmm`` computes: each
+    has one projected slot ``width`` wide, op ``k``'s at TBE column ``first + k * width`` and its
+    vector at output column ``out + k * D``, so the run's slots and vectors are 3-D strided views
+    of one column block each."""
+
+    ops: tuple[int, ...]
+    first: int
+    width: int
+    out: int
+
+
+def _op_runs(ops: list[_Op], dim: int) -> list[_Run]:
+    """Maximal runs of two or more consecutive single-slot "project" ops without MEAN, of one
+    slot width, whose slots follow each other in TBE's columns as their vectors do in the output
+    (see ``_Run``)."""
+    runs: list[_Run] = []
+    members: list[int] = []
+
+    def close() -> None:
+        if len(members) > 1:
+            first = ops[members[0]]
+            runs.append(_Run(tuple(members), first.cols[0][0], first.cols[0][1], first.out))
+        members.clear()
+
+    for i, op in enumerate(ops):
+        if op.kind != "project" or op.mean or op.projected != (True,):
+            close()
+            continue
+        if members:
+            last = ops[members[-1]]
+            width = last.cols[0][1]
+            if not (
+                op.cols[0][1] == width and op.cols[0][0] == last.cols[0][0] + width and op.out == last.out + dim
+            ):
+                close()
+        members.append(i)
+    close()
+    return runs
+
+
 def _sole_owner(storage: torch.UntypedStorage) -> bool:
     """Whether ``storage`` (the Python object the plan keeps) is the only reference to its memory:
     no tensor, view or other storage object uses it. False where torch lacks the counter."""
@@ -335,8 +400,12 @@ class _Assemble(torch.autograd.Function):
         if merged:
             for first, start, width in plan.runs:
                 out[:, start : start + width].copy_(x[:, first : first + width])
+        batched = plan.batch_runs and bool(plan.op_runs)
+        stacked: list[torch.Tensor] = []
+        if batched:
+            stacked = _runs_forward(plan, x, out, weights)
         for i, op in enumerate(plan.ops):
-            if merged and plan.in_run[i]:
+            if (merged and plan.in_run[i]) or (batched and plan.in_op_run[i]):
                 continue
             dst = outs.vector(op, plan.dim)
             parts = xs.of(op)
@@ -365,6 +434,8 @@ class _Assemble(torch.autograd.Function):
                 assert divisors is not None
                 dst.div_(divisors[op.feature].unsqueeze(1))
         for i, j, w in plan.projections:
+            if batched and plan.in_op_run[i]:
+                continue
             op = plan.ops[i]
             dst = outs.vector(op, plan.dim)
             part = xs.slot(op, j)
@@ -378,6 +449,9 @@ class _Assemble(torch.autograd.Function):
         ctx.batch = batch
         ctx.bags = pooled.shape[0]
         ctx.divisors = divisors
+        # The stacked weights of each run (a copy made here, not an input: what this forward used,
+        # for the backward's products).
+        ctx.stacked = stacked
         ctx.save_for_backward(pooled if plan.saves_input else None, *weights)
         return out
 
@@ -409,8 +483,13 @@ class _Assemble(torch.autograd.Function):
         if merged:
             for first, start, width in plan.runs:
                 gx[:, first : first + width].copy_(grad[:, start : start + width])
+        stacked: list[torch.Tensor] = getattr(ctx, "stacked", [])
+        batched = bool(stacked)  # the forward ran the runs batched (its switch may change since)
+        if batched:
+            assert x is not None
+            scratch = _runs_backward(plan, x, gx, grad, stacked, wanted, grad_weights)
         for i, op in enumerate(plan.ops):
-            if merged and plan.in_run[i]:
+            if (merged and plan.in_run[i]) or (batched and plan.in_op_run[i]):
                 continue
             g = gs.vector(op, plan.dim)
             if op.mean:  # the autograd of ``pooled / divisor``
@@ -452,7 +531,7 @@ class _Assemble(torch.autograd.Function):
                     if not readable:
                         if scratch is None:
                             scratch = torch.empty_like(g, memory_format=torch.contiguous_format)
-                        g = scratch.copy_(g)
+                        g = scratch[:, : g.shape[1]].copy_(g)
                     _project_backward(op, g, plan.projections_of[i], xs, gxs, weights, wanted, grad_weights)
                     continue
                 projected_grads[i] = g if readable else g.contiguous()
@@ -465,6 +544,58 @@ class _Assemble(torch.autograd.Function):
             grad_weights[w] = torch.mm(xs.slot(op, j).t(), g) if wanted[w] else None
             torch.mm(g, weights[w].t(), out=gxs.slot(op, j))
         return (None, grad_pooled, None, None, *grad_weights)
+
+
+def _run_block(t: torch.Tensor, start: int, run: _Run, per_op: int) -> torch.Tensor:
+    """The run's ``len(run.ops) * per_op`` columns of ``t`` from ``start`` as [rows, ops, per_op]
+    (a view: the columns are contiguous in each row; a stride-0 gradient stays stride 0)."""
+    return t[:, start : start + len(run.ops) * per_op].unflatten(1, (len(run.ops), per_op))
+
+
+def _runs_forward(
+    plan: AssemblePlan, x: torch.Tensor, out: torch.Tensor, weights: tuple[torch.Tensor, ...]
+) -> list[torch.Tensor | None]:
+    """Every ``_Run``'s vectors into ``out``: one ``bmm`` of its [r, B, w] slots and its stacked
+    [r, w, D] weights, written into the [r, B, D] view of its vectors (what ``mm`` per op writes).
+    Returns each run's stacked weights, for the backward."""
+    stacked: list[torch.Tensor] = []
+    for run, indices in zip(plan.op_runs, plan.run_weights):
+        w = torch.stack([weights[k] for k in indices])
+        dst = _run_block(out, run.out, run, plan.dim).transpose(0, 1)
+        torch.bmm(_run_block(x, run.first, run, run.width).transpose(0, 1), w, out=dst)
+        stacked.append(w)
+    return stacked
+
+
+def _runs_backward(
+    plan: AssemblePlan,
+    x: torch.Tensor,
+    gx: torch.Tensor,
+    grad: torch.Tensor,
+    stacked: list[torch.Tensor],
+    wanted: tuple[bool, ...],
+    grad_weights: list[torch.Tensor | None],
+) -> torch.Tensor | None:
+    """The gradients of every ``_Run``: its projections' (first: they read the slots, and ``gx``
+    may be ``x`` itself, TBE's output reused) and its slots' into ``gx``, one ``bmm`` each, the
+    products the per-op code runs per op. Returns the scratch buffer it made for a gradient BLAS
+    cannot read (None if none), for the per-op code to reuse."""
+    scratch: torch.Tensor | None = None
+    for run, w, indices in zip(plan.op_runs, stacked, plan.run_weights):
+        columns = grad[:, run.out : run.out + len(run.ops) * plan.dim]
+        if not (columns.stride(1) == 1 and columns.stride(0) >= columns.shape[1]):  # e.g. ``sum``'s expanded one
+            # Materialised once per run into one buffer every run reuses (see the per-op code).
+            if scratch is None:
+                scratch = torch.empty(grad.shape[0], plan.scratch_width, dtype=grad.dtype, device=grad.device)
+            columns = scratch[:, : columns.shape[1]].copy_(columns)
+        g = columns.unflatten(1, (len(run.ops), plan.dim)).transpose(0, 1)  # [r, B, D]
+        slots = _run_block(x, run.first, run, run.width).transpose(0, 1)  # [r, B, w]
+        if any(wanted[k] for k in indices):  # first: it reads the slots, which gx may overwrite
+            per_weight = torch.bmm(slots.transpose(1, 2), g).unbind(0)
+            for k, gw in zip(indices, per_weight):
+                grad_weights[k] = gw if wanted[k] else None
+        torch.bmm(g, w.transpose(1, 2), out=_run_block(gx, run.first, run, run.width).transpose(0, 1))
+    return scratch
 
 
 def _project_backward(

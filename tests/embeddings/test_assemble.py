@@ -175,6 +175,69 @@ def test_hoisted_views_are_bitwise_the_sliced_ones(bags, assembles):
     assert bool(assembles) == (bags == "single")
 
 
+_RUN_RNG = np.random.default_rng(11)
+RUN_FEATURES = [
+    FeatureSpec("m1", 300),
+    FeatureSpec("m2", 400, counts=_RUN_RNG.zipf(1.2, 400)),  # with a remap
+    FeatureSpec("m3", 500, counts=_RUN_RNG.zipf(1.2, 500)),
+    FeatureSpec("full", 40),
+    FeatureSpec("m4", 200),
+    FeatureSpec("m5_mean", 250, pooling="mean"),  # MEAN: never in a run
+    FeatureSpec("m6", 350),
+    FeatureSpec("m7", 300),
+    FeatureSpec("wide", 100),  # a D-wide block: no projection, ends the run
+    FeatureSpec("m8", 300),
+]
+RUN_METHODS = {
+    "m1": MixedDim(dims=(4,)),
+    "m2": MixedDim(dims=(4,), keep=300),
+    "m3": MixedDim(dims=(4,)),
+    "full": Full(),
+    "m4": MixedDim(dims=(4,)),
+    "m5_mean": MixedDim(dims=(4,)),
+    "m6": MixedDim(dims=(4,)),
+    "m7": MixedDim(dims=(4,), keep=250),
+    "wide": MixedDim(dims=(8,)),
+    "m8": MixedDim(dims=(4,)),
+}
+
+
+@pytest.mark.parametrize("bags", ["single", "random"])
+def test_projection_runs_are_bitwise_one_product_per_feature(bags, assembles):
+    """``AssemblePlan.batch_runs`` (one ``bmm`` per run of neighbouring single-block MixedDim
+    features of one width, forward and backward) against one ``mm`` per feature: CPU ``bmm`` runs
+    the same GEMM per matrix, so outputs, projection gradients and the tables and optimizer state
+    after fused steps are equal bit for bit, with dense and expanded gradients."""
+    names = [f.name for f in RUN_FEATURES]
+    batched = CompressedEmbeddingBagCollection(RUN_FEATURES, DIM, RUN_METHODS, seed=12)
+    per_op = copy.deepcopy(batched)
+    plan = plan_for(batched)
+    assert plan is not None and plan.batch_runs
+    # m1-m3 (the Full feature ends it), m6-m7 (m4 stands alone before the MEAN feature; "wide"
+    # has no projection): runs of features, in op order.
+    assert [run.ops for run in plan.op_runs] == [(0, 1, 2), (6, 7)]
+    plan_for(per_op).batch_runs = False
+    kjts = [
+        single_id_kjt(names, 64, 600, seed) if bags == "single" else random_kjt(names, 64, 600, max_len=3, seed=seed)
+        for seed in range(4)
+    ]
+    assert_same(train(batched, kjts), train(per_op, kjts), exact=True)
+    assert_same(state(batched), state(per_op), exact=True)
+    with torch.no_grad():
+        assert_same([batched(kjts[0]).values()], [per_op(kjts[0]).values()], exact=True)
+    assert assembles  # every layout pools in TBE: the fused assemble runs for any bags
+
+
+def test_projection_runs_reach_every_projection(assembles):
+    """Each projection of a run gets its own gradient (the run's stacked weights are a copy)."""
+    names = [f.name for f in RUN_FEATURES]
+    coll = CompressedEmbeddingBagCollection(RUN_FEATURES, DIM, RUN_METHODS, seed=13)
+    coll(single_id_kjt(names, 64, 600, 0)).values().sum().backward()
+    assert assembles
+    for name, p in coll.layouts.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
 def test_fused_assemble_is_bitwise_without_projections(assembles):
     methods = {n: m for n, m in MIXED_METHODS.items() if not isinstance(m, MixedDim)}
     features = [f for f in MIXED_FEATURES if f.name in methods]
