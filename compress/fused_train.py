@@ -60,7 +60,8 @@ of every id past ``keep``) is no block test, so it keeps the TBE path. Inference
 path for Pruned (fused_lookup's own plan does not take it; this module builds one with
 ``_build_plan(extra=_pruned_blocks)``).
 
-When: grad enabled, ``mode("auto")`` with CUDA ids and Triton importable (``"on"``: any device,
+When: opted in (the default mode is "off" until the step has been timed and checked on a GPU;
+``set_mode("auto")`` or ``with mode("auto"):``), grad enabled, CUDA ids and Triton importable (``"on"``: any device,
 CPU through Triton's interpreter, as the CPU tests run it; ``"off"``: the TBE path, the
 reference), every feature Full / QR / KWay / MultiHash / MixedDim / Pruned (above) on fp32
 tables of one fbgemm training TBE (the inference plan's condition; MixedDim projections fp32,
@@ -95,8 +96,11 @@ SMALL_ROWS = 32  # tables of at most this many rows are summed per program befor
 MAX_UPDATE_PROGRAMS = 1024  # the update's grid-stride loop: about 8 programs per H100 SM
 MIXED_BAG_BLOCKS = 8  # MixedDim's gradient: bag blocks per program (fewer atomics on the projections' gradients)
 
-_switch = KernelSwitch()
+# Off by default: the kernels are checked against the TBE path under Triton's interpreter, but
+# have not yet been run and timed on a GPU. ``set_mode("auto")`` (or ``with mode("auto"):``) opts in.
+_switch = KernelSwitch(default="off")
 mode = _switch.mode
+set_mode = _switch.set
 
 
 def current_mode() -> str:

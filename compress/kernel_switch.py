@@ -32,8 +32,16 @@ def triton_available() -> bool:
 class KernelSwitch:
     """One kernel family's mode ("auto", "on" or "off"; see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.value = "auto"
+    def __init__(self, default: str = "auto") -> None:
+        if default not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {default!r}")
+        self.value = default
+
+    def set(self, value: str) -> None:
+        """Use ``value`` from now on (process-wide; ``mode`` for a block)."""
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
+        self.value = value
 
     @contextmanager
     def mode(self, value: str) -> Iterator[None]:

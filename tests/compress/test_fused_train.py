@@ -131,9 +131,10 @@ def test_auto_and_off_keep_the_tbe_path_on_cpu(monkeypatch):
     calls = spy(monkeypatch)
     fused, reference = twins(FEATURES, METHODS, TableOptimizer())
     kjts = batches(NAMES, 0)
-    assert fused_train.current_mode() == "auto"
-    assert not fused_train.enabled_for(kjts[0].values())  # CPU ids under "auto"
-    train_both(fused, reference, kjts[:1])  # "auto" on CPU
+    assert fused_train.current_mode() == "off"  # opt-in until the step has run on a GPU
+    with fused_train.mode("auto"):
+        assert not fused_train.enabled_for(kjts[0].values())  # CPU ids under "auto"
+        train_both(fused, reference, kjts[:1])  # "auto" on CPU
     with fused_train.mode("off"):
         train_both(fused, reference, kjts[1:2])
     assert calls == []

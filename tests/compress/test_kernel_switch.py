@@ -32,3 +32,17 @@ def test_each_kernel_family_has_its_own_switch():
     with fused_ids.mode("off"):
         assert fused_ids.current_mode() == "off"
         assert fused_lookup.current_mode() == "auto"
+
+
+def test_a_switch_can_start_off_and_be_set_for_the_process():
+    switch = KernelSwitch(default="off")
+    assert not switch.wants_kernel(torch.arange(4))
+    switch.set("auto")
+    assert switch.value == "auto"
+    with switch.mode("off"):
+        assert switch.value == "off"
+    assert switch.value == "auto"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        switch.set("gpu")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        KernelSwitch(default="fast")
