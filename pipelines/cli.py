@@ -25,6 +25,16 @@ def _csv(text: str, cast, what: str) -> list:
     return values
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     parts = _csv(text, float, "numbers")
     if len(parts) != 3:
@@ -82,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--experiment", default="tablezip")
     tr.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--torch-threads", type=_nonnegative_int, default=1,
+                    help="torch intra-op threads of an in-process run (default 1: the model is small, and on a "
+                         "shared 2-core machine two threads stalled each other up to 100x whenever another "
+                         "process held a core; 0: torch's default)")
     tr.add_argument("--workers", type=int, default=0,
                     help="0 (default): train in this process, no Ray; N: data-parallel on N Ray Train workers "
                          "sharing each global batch of --batch-size")
@@ -218,6 +232,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .report import format_table, human_bytes
     from .train import TrainConfig, ray_session, train
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     results = []
     plan_ratio = None
     if args.plan is not None:

@@ -81,6 +81,23 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
 
 
+def test_cli_train_sets_its_torch_threads_and_refuses_negative_ones(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["train", "--data", str(tmp_path), "--no-mlflow", "--no-progress"]) == 2  # default: 1 thread
+        assert torch.get_num_threads() == 1
+        assert main(["train", "--data", str(tmp_path), "--torch-threads", "0", "--no-mlflow", "--no-progress"]) == 2
+        assert torch.get_num_threads() == 1  # 0: left as it was
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path), "--torch-threads", "-1"])
+    assert "expected a whole number >= 0, got -1" in capsys.readouterr().err
+
+
 def test_dcn_v2_trains_through_the_same_pipeline(prepared, tmp_path):
     result = train(prepared, TrainConfig(model="dcn", method="hash", ratio=10), tmp_path, tracking_uri=None, progress=False)
     assert result.test_auc > 0.68
