@@ -75,7 +75,8 @@ class AssemblePlan:
         self.any_mean = any(op.mean for op in ops)
         self.saves_input = any(op.kind in ("mult", "project") for op in ops)
         # The backward writes TBE's gradient into TBE's own output (see ``_Assemble.backward``);
-        # False allocates a fresh one (the "before" of that change in benchmarks/NOTES.md).
+        # False allocates a fresh one (the "before" of that change in benchmarks/NOTES.md). A
+        # ``gather`` plan (unified) keeps TBE's output for its backward only for this.
         self.reuse_output = True
         # The projected slots of every "project" op: (op index, slot index, index into
         # ``weights()``). One product per slot, written into its column view of the output: a
@@ -392,7 +393,12 @@ class _Assemble(torch.autograd.Function):
             index = plan.order_index(x.device)
             torch.index_select(x.view(batch, -1, plan.dim), 1, index, out=out.view(batch, -1, plan.dim))
             ctx.plan, ctx.batch, ctx.bags, ctx.divisors = plan, batch, pooled.shape[0], divisors
-            ctx.save_for_backward(None, *weights)
+            # ``reuse_output``: TBE's output is kept for the backward only to become TBE's gradient
+            # there (memory already faulted in, instead of a fresh [bags, W] buffer per step, which
+            # glibc maps afresh and the column copies fault in: unified's CPU step at B=4096, D=16
+            # 7.5-7.8 -> 5.7-6.0 ms, benchmarks/NOTES.md). Costs nothing in memory: the buffer the
+            # backward would allocate is the same size, and a second backward is refused.
+            ctx.save_for_backward(pooled if plan.reuse_output else None, *weights)
             return out
         xs, outs = _Views(x, plan, slots=True), _Views(out, plan, slots=False)
         written = [False] * len(plan.ops)  # "project": whether its vector holds a first term yet

@@ -366,6 +366,63 @@ def test_output_switches_are_bitwise_the_old_path(which, assembles):
     assert assembles
 
 
+def train_gradient_kinds(coll: CompressedEmbeddingBagCollection, kjts: list[KeyedJaggedTensor]) -> list[torch.Tensor]:
+    """Steps whose output gradient is dense, a plain ``sum``'s (stride 0 everywhere), one row
+    broadcast over the batch (stride 0 along it) and a transposed one (columns not unit-stride)."""
+    seen = []
+    for step, kjt in enumerate(kjts):
+        out = coll(kjt).values()
+        g = torch.Generator().manual_seed(step)
+        kind = step % 4
+        if kind == 0:
+            loss = (out * torch.randn(out.shape, generator=g)).sum()
+        elif kind == 1:
+            loss = out.sum()
+        elif kind == 2:
+            loss = (out.sum(0) * torch.randn(out.shape[1], generator=g)).sum()  # sum(0): expanded rows
+        else:
+            loss = (out.t() * torch.randn(out.shape[1], 1, generator=g)).sum()
+        loss.backward()
+        seen.append(out.detach().clone())
+    return seen
+
+
+@pytest.mark.parametrize("bags", ["single", "pooled"])
+def test_gather_plan_reusing_tbe_output_is_bitwise_a_fresh_gradient(bags, assembles):
+    """Unified's backward writing TBE's gradient into TBE's own output (``reuse_output``, which a
+    ``gather`` plan keeps for its backward only for that) against a fresh gradient buffer:
+    outputs, tables and optimizer state bit for bit, for every kind of output gradient."""
+    coll = unified_collection(5)
+    names = coll.feature_names
+    plan = plan_for(coll)
+    assert plan is not None and plan.order is not None and plan.reuse_output
+    old = copy.deepcopy(coll)
+    plan_for(old).reuse_output = False
+    if bags == "single":
+        kjts = [single_id_kjt(names, 32, 5000, seed) for seed in range(8)]
+    else:
+        kjts = [random_kjt(names, 24, 5000, seed=seed) for seed in range(8)]
+    assert_same(train_gradient_kinds(coll, kjts), train_gradient_kinds(old, kjts), exact=True)
+    assert_same(state(coll), state(old), exact=True)
+    assert assembles
+
+
+def test_gather_plan_writes_into_tbe_output_and_refuses_a_second_backward():
+    """With ``reuse_output`` the unified plan keeps TBE's output for its backward and writes the
+    gradient there: a second backward through the same graph is refused, never silently applied
+    from an overwritten buffer; with it off a second backward runs."""
+    coll = unified_collection(2)
+    kjt = single_id_kjt(coll.feature_names, 16, 5000, 0)
+    out = coll(kjt).values().sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    plan_for(coll).reuse_output = False
+    out = coll(kjt).values().sum()
+    out.backward(retain_graph=True)
+    out.backward()
+
+
 def test_kept_output_memory_is_reused_only_once_nothing_holds_it():
     """The next forward writes into the last output's memory only when no tensor uses it: an
     output still held, or saved by autograd for a later layer's backward, keeps its values."""
