@@ -29,26 +29,26 @@ def triton_available() -> bool:
     return True
 
 
+def _checked(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
+    return value
+
+
 class KernelSwitch:
     """One kernel family's mode ("auto", "on" or "off"; see the module docstring)."""
 
     def __init__(self, default: str = "auto") -> None:
-        if default not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {default!r}")
-        self.value = default
+        self.value = _checked(default)
 
     def set(self, value: str) -> None:
         """Use ``value`` from now on (process-wide; ``mode`` for a block)."""
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
-        self.value = value
+        self.value = _checked(value)
 
     @contextmanager
     def mode(self, value: str) -> Iterator[None]:
         """Within the block, use ``value``; the previous mode comes back on exit, even on error."""
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {value!r}")
-        before, self.value = self.value, value
+        before, self.value = self.value, _checked(value)
         try:
             yield
         finally:

@@ -79,9 +79,9 @@ class AssemblePlan:
         # ``gather`` plan (unified) keeps TBE's output for its backward only for this.
         self.reuse_output = True
         # The projected slots of every "project" op: (op index, slot index, index into
-        # ``weights()``). One product per slot, written into its column view of the output: a
-        # batched product per slot width (torch.bmm over stacked slots) measured ~10% slower per
-        # MixedDim step (the stacking copies cost more than the BLAS calls it saves at K = 4).
+        # ``weights()``). One product per slot, written into its column view of the output, except
+        # for runs of neighbouring same-width features (``batch_runs`` below: one bmm over strided
+        # views, no stacking of the slots).
         self.projections: list[tuple[int, int, int]] = []
         for i, op in enumerate(ops):
             for j, has_weight in enumerate(op.projected):

@@ -184,31 +184,15 @@ class NumpyBagPooler:
         if lengths.size == 0:
             return np.zeros((batch, num, dim), dtype=np.float32)
         plan = self._plan(positions)
+        unit = _UnitLayout.build(plan, lengths)
+        if unit is not None:  # bags of at most one id (Criteo's layout): see _UnitLayout
+            return unit.pool(self.table, ids)
+        # Each feature's ids are one run: repeat its constants over the run.
         flat = lengths.reshape(-1)
-        if flat.max() <= 1:
-            # Bags of at most one id (Criteo's layout): [F, B] ids viewed as [B, F] give the rows in
-            # answer order by broadcasting the per-feature constants, and one ``take`` returns
-            # [B, F, D]: no repeats of the constants and no transposing copy. Empty bags first get
-            # id 0 (any valid row) and are zeroed after the gather. Fewer numpy calls mean shorter
-            # GIL holds (benchmarks/NOTES.md, "Issue 5, 8 clients"). Same rows, same bits.
-            some_empty = ids.size != flat.size
-            if some_empty:
-                slots = np.zeros(flat.size, dtype=np.uint64)
-                slots[flat == 1] = ids.view(np.uint64)
-            else:
-                slots = ids.view(np.uint64)
-            rows = np.minimum(slots.reshape(num, batch).T, plan.limit).view(np.int64)  # Full's OOV rule
-            rows += plan.row_start
-            out = self.table.take(rows, axis=0)
-            if some_empty:
-                out[lengths.T == 0] = 0.0
-            if plan.zero_add:
-                out += 0.0  # TBE's 0.0 + row
-        else:  # each feature's ids are one run: repeat its constants over the run
-            counts = lengths.sum(axis=1, dtype=np.int64)
-            rows = np.minimum(ids.view(np.uint64), np.repeat(plan.limit, counts)).view(np.int64)  # as in read_numpy
-            rows += np.repeat(plan.row_start, counts)
-            out = _bag_sums(self.table, rows, flat).reshape(num, batch, dim).transpose(1, 0, 2)
+        counts = lengths.sum(axis=1, dtype=np.int64)
+        rows = np.minimum(ids.view(np.uint64), np.repeat(plan.limit, counts)).view(np.int64)  # as in read_numpy
+        rows += np.repeat(plan.row_start, counts)
+        out = _bag_sums(self.table, rows, flat).reshape(num, batch, dim).transpose(1, 0, 2)
         for i in plan.mean:
             out[:, i] /= np.maximum(lengths[i], 1).astype(np.float32)[:, None]
         return out
@@ -218,12 +202,16 @@ class NumpyBagPooler:
 class _UnitLayout:
     """A request shape whose bags hold at most one id, with what every request of that shape
     shares: each answer slot's id index (``gather``; empty slots read id 0 and are zeroed after
-    the gather), its feature's OOV limit and first row, flattened to [B*F] in answer order.
+    the gather), its feature's OOV limit and first row, flattened to [B*F] in answer order. With no
+    empty bag the [F, B] ids viewed as [B, F] give the rows in answer order by broadcasting the
+    per-feature constants, and one ``take`` returns [B, F, D] (no transposing copy). Built once per
+    cached layout (``LayoutCache``), or per request where there is none (``NumpyBagPooler._pool``).
 
     Why: per request this leaves a gather of the ids, ``minimum``, ``+=``, the row ``take`` and
     the zeroing of the empty slots (4-5 numpy calls), where ``NumpyBagPooler._pool`` derives the
     empty bags' places and the slot order again (9-10 calls; each costs several times its loop
-    time on a cold core in the server). Same rows in the same order as ``_pool``: same bits."""
+    time on a cold core in the server). Same rows as TBE reads: the pooler's load check and the
+    tests compare the bits with the model's forward."""
 
     batch: int
     num: int

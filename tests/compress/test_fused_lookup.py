@@ -68,17 +68,22 @@ def both(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> tupl
         return reference, coll(kjt).values()
 
 
-def spy(monkeypatch) -> list[int]:
-    """Count the calls of ``pooled_lookup`` (the kernel's launcher)."""
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Wrap ``module.name`` so each call appends 1 to the returned list (the real function runs)."""
     calls: list[int] = []
-    real = fused_lookup.pooled_lookup
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused_lookup, "pooled_lookup", counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+def spy(monkeypatch) -> list[int]:
+    """Count the calls of ``pooled_lookup`` (the kernel's launcher)."""
+    return count_calls(monkeypatch, fused_lookup, "pooled_lookup")
 
 
 # -- without Triton too ------------------------------------------------------------------

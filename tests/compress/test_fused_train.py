@@ -20,6 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_lookup, fused_train
 from tablezip.compress.pruned import remap_for
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+from tests.compress.test_fused_lookup import count_calls
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CI: the TBE path only)")
@@ -57,15 +58,7 @@ def interpreted(monkeypatch):
 
 def spy(monkeypatch) -> list[int]:
     """Count the fused backward steps (the gradient + update launches)."""
-    calls: list[int] = []
-    real = fused_train.backward_step
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_train, "backward_step", counting)
-    return calls
+    return count_calls(monkeypatch, fused_train, "backward_step")
 
 
 def batches(names: list[str], seed: int) -> list[KeyedJaggedTensor]:
