@@ -9,7 +9,15 @@ table update) of
     transforms and combiners (benchmarks/baselines.py), sparse torch Adagrad.
 Frequency-aware methods get counts from the timed ids themselves.
 
-    .venv/bin/python benchmarks/methods_speed.py [--methods hash,qr,...] [--ratio 10] [--repeats 7]
+    .venv/bin/python benchmarks/methods_speed.py [--methods hash,qr,...] [--ratio 10] [--repeats 7] [--threads 1]
+
+``--threads`` sets torch's intra-op threads for all three builds (default: torch's own, one per
+core). It matters: the collections of several tables (md, qr, kway) run many small ops, and each
+op of a multi-threaded build pays a fork/join on every call; on a 2-core machine next to another
+busy process 2 threads can stall (why ``tablezip train --torch-threads`` defaults to 1). Report
+the thread count with any ratio. "paired" is the median over repeats of Full's time / the
+method's time in the same repeat: Full's own step is bimodal on some machines (page faults inside
+fbgemm), and a ratio of two medians then swings more than the pairs do.
 """
 from __future__ import annotations
 
@@ -115,7 +123,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids; 0 = uniform")
     parser.add_argument("--name", default="methods_speed")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     workload = Workload(features=CRITEO_CARDINALITIES, dim=args.dim, batch=args.batch, zipf=args.zipf or None)
     ids = workload.sample_ids()
     names = [n for n, _ in workload.features]
@@ -136,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "tables": tz.tables, "tablezip_ms": med["tablezip"], "full_ms": med["full"],
             "dlrm_style_ms": med["dlrm-style"], "speed_vs_full": med["full"] / med["tablezip"],
             "speedup_vs_dlrm_style": med["dlrm-style"] / med["tablezip"], "per_repeat_ms": timings,
+            "speed_vs_full_paired": float(np.median([f / t for f, t in zip(timings["full"], timings["tablezip"])])),
             "workload": workload.to_dict(), "env": env_info(),
         }
         records.append(rec)
@@ -146,14 +160,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"# Training-step speed per method at {args.ratio:g}x fewer bytes (CPU, B={args.batch}, D={args.dim}, 26 Criteo features, {workload.distribution} ids)",
         "",
         f"`{env['command']}` at commit {env['git_commit'][:10]}, {env['cpu_count']} CPUs, {env['torch_threads']} threads; "
-        f"median of {args.repeats} interleaved repeats. speed vs Full = Full time / method time (bar >= 0.6); "
+        f"median of {args.repeats} interleaved repeats. speed vs Full = Full time / method time (bar >= 0.6); paired = median of "
+        "the per-repeat ratios; "
         "speedup vs dlrm-style = dlrm-style time / tablezip time (bar >= 2).",
         "",
-        "| method | bytes (ratio) | tables | tablezip ms | Full ms | speed vs Full | dlrm-style ms | speedup vs dlrm-style |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | bytes (ratio) | tables | tablezip ms | Full ms | speed vs Full | paired | dlrm-style ms | speedup vs dlrm-style |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        lines.append(f"| {r['method']} | {r['bytes']:,} ({r['ratio']:.0f}x) | {r['tables']} | {r['tablezip_ms']:.2f} | {r['full_ms']:.2f} | {r['speed_vs_full']:.2f}x | {r['dlrm_style_ms']:.2f} | {r['speedup_vs_dlrm_style']:.2f}x |")
+        lines.append(f"| {r['method']} | {r['bytes']:,} ({r['ratio']:.0f}x) | {r['tables']} | {r['tablezip_ms']:.2f} | {r['full_ms']:.2f} | {r['speed_vs_full']:.2f}x | {r['speed_vs_full_paired']:.2f}x | {r['dlrm_style_ms']:.2f} | {r['speedup_vs_dlrm_style']:.2f}x |")
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(records))
     for i, (key, label) in enumerate((("tablezip_ms", "tablezip"), ("full_ms", "Full (tablezip)"), ("dlrm_style_ms", "dlrm-style"))):
