@@ -60,9 +60,12 @@ of every id past ``keep``) is no block test, so it keeps the TBE path. Inference
 path for Pruned (fused_lookup's own plan does not take it; this module builds one with
 ``_build_plan(extra=_pruned_blocks)``).
 
-On CUDA, QR/KWay and MultiHash collections keep the TBE path for now (``UNCOMPILED_ON_CUDA``:
-their gradient kernel did not compile with Triton 3.6 on an H100); MixedDim and Pruned ran there,
-allclose to the TBE path: md-10x 2.04x -> 1.24x and pruned-10x 1.18x -> 0.84x of Full's step.
+On the first H100 run (Triton 3.6) MixedDim and Pruned ran allclose to the TBE path: md-10x 2.04x
+-> 1.24x and pruned-10x 1.18x -> 0.84x of Full's step. ``grad_kernel`` did not compile there for
+mult and for groups with a large table before a small one (TritonGPURemoveLayoutConversions);
+it now takes the small tables first and loads mult's other factors without the bag mask (see the
+kernel), and tests/compress/test_triton_compile.py compiles every kernel for sm_90 without a GPU.
+QR/KWay/MultiHash's fused step has not been timed on a GPU yet.
 
 When: opted in (the default mode is "off" until the step has been timed and checked on a GPU;
 ``set_mode("auto")`` or ``with mode("auto"):``), grad enabled, CUDA ids and Triton importable (``"on"``: any device,
@@ -167,83 +170,6 @@ def _kernels() -> tuple[Any, Any, Any]:
     globals()["_list_rows"] = list_rows
 
     @triton.jit
-    def grad_kernel(
-        ids_ptr, offsets_ptr, grad_out_ptr, weights_ptr, grad_ptr, flags_ptr, rows_ptr, count_ptr, params_ptr,
-        batch, grad_out_stride,
-        K: tl.constexpr, OP: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_D: tl.constexpr, MIX1: tl.constexpr, MIX2: tl.constexpr, TABLE_SHIFT: tl.constexpr, SMALL: tl.constexpr,
-    ):  # fmt: skip
-        # SMALL: bit j set where partition j's table has at most SMALL_ROWS rows (in every
-        # feature of the group). params row of this program's feature: the inference row (feature, num_embeddings,
-        # mean, per partition j: stride or seed, radix, table element offset), then per
-        # partition j: the table's first flag (row base) and the table's index.
-        row = params_ptr + tl.program_id(1) * (3 + 5 * K)
-        feature = tl.load(row)
-        n = tl.load(row + 1)
-        mean = tl.load(row + 2)
-        bags = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        in_b = bags < batch
-        starts = tl.load(offsets_ptr + feature * batch + bags, mask=in_b, other=0)
-        lens = tl.load(offsets_ptr + feature * batch + bags + 1, mask=in_b, other=0) - starts
-        cols = tl.arange(0, BLOCK_D)
-        in_d = cols < DIM
-        grad = tl.load(
-            grad_out_ptr + bags[:, None] * grad_out_stride + feature * DIM + cols[None, :],
-            mask=in_b[:, None] & in_d[None, :], other=0.0,
-        )  # fmt: skip
-        # Mean pooling: out = sum / len, so every id of the bag gets grad / len (IEEE, as torch).
-        denom = tl.broadcast_to(tl.maximum(lens, 1).to(tl.float32)[:, None], (BLOCK_B, BLOCK_D))
-        grad = tl.where(mean != 0, tl.math.div_rn(grad, denom), grad)
-        for i in range(0, tl.reduce(lens, 0, _longest)):
-            live = in_b & (i < lens)
-            ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
-            if OP != 3:
-                ids = tl.where((ids >= 0) & (ids < n), ids, n)  # Full's OOV map
-            for j in tl.static_range(K):
-                digit = _partition_row(ids, tl.load(row + 3 + 3 * j), tl.load(row + 4 + 3 * j), j, OP, MIX1, MIX2)
-                table_at = tl.load(row + 5 + 3 * j)  # element offset of partition j's table
-                first_flag = tl.load(row + 3 + 3 * K + 2 * j)
-                tag = tl.load(row + 4 + 3 * K + 2 * j) << TABLE_SHIFT  # the table's index, listed rows
-                # Partition j's gradient rows [BLOCK_B, BLOCK_D] and where its columns go.
-                if OP == 2:  # concat: partition j's row is columns [j * WIDTH, (j + 1) * WIDTH)
-                    part_grad = grad
-                    dest = cols - j * WIDTH
-                    keep = (cols >= j * WIDTH) & (cols < (j + 1) * WIDTH)
-                else:
-                    part_grad = grad  # add, Full, multihash's probes: the gradient itself
-                    dest = cols
-                    keep = in_d
-                    if OP == 0 and K > 1:  # mult: the gradient times the product of the other parts
-                        for o in tl.static_range(K):
-                            if o != j:
-                                other = _partition_row(ids, tl.load(row + 3 + 3 * o), tl.load(row + 4 + 3 * o), o, OP, MIX1, MIX2)
-                                at_o = tl.load(row + 5 + 3 * o) + other * WIDTH
-                                part = tl.load(
-                                    weights_ptr + at_o[:, None] + cols[None, :], mask=live[:, None] & in_d[None, :], other=0.0
-                                )  # fmt: skip
-                                part_grad = part_grad * part
-                if (SMALL >> j) & 1:
-                    # A table of at most SMALL_ROWS rows (QR's remainders): most of the program's
-                    # bags hit each row, so the program sums its bags' terms per row first and
-                    # adds one row per row it hit (per-lane atomics would serialise on a few
-                    # addresses: thousands of bags per row and step).
-                    for r in range(0, tl.load(row + 4 + 3 * j)):
-                        hit = live & (digit == r)
-                        if tl.reduce(hit.to(tl.int32), 0, _add) > 0:
-                            total = tl.reduce(tl.where(hit[:, None], part_grad, 0.0), 0, _add)
-                            tl.atomic_add(grad_ptr + table_at + r * WIDTH + dest, total, mask=keep, sem="relaxed")
-                            flag = flags_ptr + first_flag + r
-                            if tl.load(flag) == 0:
-                                if tl.atomic_xchg(flag, 1, sem="relaxed") == 0:
-                                    tl.store(rows_ptr + tl.atomic_add(count_ptr, 1, sem="relaxed"), tag | r)
-                else:
-                    at = table_at + digit * WIDTH  # element offset of each id's row (int64)
-                    tl.atomic_add(
-                        grad_ptr + at[:, None] + dest[None, :], part_grad, mask=live[:, None] & keep[None, :], sem="relaxed"
-                    )  # fmt: skip
-                    _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, digit, live, tag, BLOCK_B)
-
-    @triton.jit
     def bag_grads(offsets_ptr, grad_out_ptr, feature, mean, first, batch, grad_out_stride, cols, in_d,
                   DIM: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
         # Bags [first, first + BLOCK_B) of a feature: (in range, first id, length, upstream
@@ -261,6 +187,88 @@ def _kernels() -> tuple[Any, Any, Any]:
         return in_b, starts, lens, grad
 
     globals()["_bag_grads"] = bag_grads
+
+    @triton.jit
+    def grad_kernel(
+        ids_ptr, offsets_ptr, grad_out_ptr, weights_ptr, grad_ptr, flags_ptr, rows_ptr, count_ptr, params_ptr,
+        batch, grad_out_stride,
+        K: tl.constexpr, OP: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr, MIX1: tl.constexpr, MIX2: tl.constexpr, TABLE_SHIFT: tl.constexpr, SMALL: tl.constexpr,
+    ):  # fmt: skip
+        # SMALL: bit j set where partition j's table has at most SMALL_ROWS rows (in every
+        # feature of the group). params row of this program's feature: the inference row (feature, num_embeddings,
+        # mean, per partition j: stride or seed, radix, table element offset), then per
+        # partition j: the table's first flag (row base) and the table's index.
+        row = params_ptr + tl.program_id(1) * (3 + 5 * K)
+        feature = tl.load(row)
+        n = tl.load(row + 1)
+        mean = tl.load(row + 2)
+        cols = tl.arange(0, BLOCK_D)
+        in_d = cols < DIM
+        # Mean pooling: out = sum / len, so every id of the bag gets grad / len (bag_grads).
+        in_b, starts, lens, grad = _bag_grads(
+            offsets_ptr, grad_out_ptr, feature, mean, tl.program_id(0).to(tl.int64) * BLOCK_B, batch, grad_out_stride,
+            cols, in_d, DIM, BLOCK_B,
+        )  # fmt: skip
+        for i in range(0, tl.reduce(lens, 0, _longest)):
+            live = in_b & (i < lens)
+            ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
+            if OP != 3:
+                ids = tl.where((ids >= 0) & (ids < n), ids, n)  # Full's OOV map
+            # Partitions of small tables first (t < K), then the others (t >= K). Why this order:
+            # Triton 3.6's TritonGPURemoveLayoutConversions (sm_90) fails ("PassManager::run
+            # failed": a load's mask rematerialised in another layout than its pointer) when a
+            # small table's per-row sums come after a large table's 2-D atomics in one iteration.
+            # The tables differ (MultiHash's probes are all small or none), so the sums do not.
+            for t in tl.static_range(2 * K):
+                j = t % K
+                small = (SMALL >> j) & 1
+                if small == (t < K):
+                    digit = _partition_row(ids, tl.load(row + 3 + 3 * j), tl.load(row + 4 + 3 * j), j, OP, MIX1, MIX2)
+                    table_at = tl.load(row + 5 + 3 * j)  # element offset of partition j's table
+                    first_flag = tl.load(row + 3 + 3 * K + 2 * j)
+                    tag = tl.load(row + 4 + 3 * K + 2 * j) << TABLE_SHIFT  # the table's index, listed rows
+                    # Partition j's gradient rows [BLOCK_B, BLOCK_D] and where its columns go.
+                    if OP == 2:  # concat: partition j's row is columns [j * WIDTH, (j + 1) * WIDTH)
+                        part_grad = grad
+                        dest = cols - j * WIDTH
+                        keep = (cols >= j * WIDTH) & (cols < (j + 1) * WIDTH)
+                    else:
+                        part_grad = grad  # add, Full, multihash's probes: the gradient itself
+                        dest = cols
+                        keep = in_d
+                        if OP == 0 and K > 1:  # mult: the gradient times the product of the other parts
+                            for o in tl.static_range(K):
+                                if o != j:
+                                    other = _partition_row(
+                                        ids, tl.load(row + 3 + 3 * o), tl.load(row + 4 + 3 * o), o, OP, MIX1, MIX2
+                                    )  # fmt: skip
+                                    at_o = tl.load(row + 5 + 3 * o) + other * WIDTH
+                                    # Not masked by ``live``: with that mask Triton 3.6's layout
+                                    # pass fails as above. Lanes past their bag read row 0 (their
+                                    # ids load as 0), a product the masked atomics below drop.
+                                    part = tl.load(weights_ptr + at_o[:, None] + cols[None, :], mask=in_d[None, :], other=0.0)
+                                    part_grad = part_grad * part
+                    if small:
+                        # A table of at most SMALL_ROWS rows (QR's remainders): most of the program's
+                        # bags hit each row, so the program sums its bags' terms per row first and
+                        # adds one row per row it hit (per-lane atomics would serialise on a few
+                        # addresses: thousands of bags per row and step).
+                        for r in range(0, tl.load(row + 4 + 3 * j)):
+                            hit = live & (digit == r)
+                            if tl.reduce(hit.to(tl.int32), 0, _add) > 0:
+                                total = tl.reduce(tl.where(hit[:, None], part_grad, 0.0), 0, _add)
+                                tl.atomic_add(grad_ptr + table_at + r * WIDTH + dest, total, mask=keep, sem="relaxed")
+                                flag = flags_ptr + first_flag + r
+                                if tl.load(flag) == 0:
+                                    if tl.atomic_xchg(flag, 1, sem="relaxed") == 0:
+                                        tl.store(rows_ptr + tl.atomic_add(count_ptr, 1, sem="relaxed"), tag | r)
+                    else:
+                        at = table_at + digit * WIDTH  # element offset of each id's row (int64)
+                        tl.atomic_add(
+                            grad_ptr + at[:, None] + dest[None, :], part_grad, mask=live[:, None] & keep[None, :], sem="relaxed"
+                        )  # fmt: skip
+                        _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, digit, live, tag, BLOCK_B)
 
     @triton.jit
     def mixed_grad_kernel(
@@ -321,8 +329,11 @@ def _kernels() -> tuple[Any, Any, Any]:
                     total += tl.dot(tl.trans(pooled), grad, input_precision="ieee")  # [BLOCK_W, BLOCK_D]
                 # Every id of the step adds to the same P_i elements, so the program sums its
                 # bags first and adds once: per-id atomics would serialise on those addresses.
-                at = tl.load(row + 6 + 6 * NB + 3 * b) + wcols[:, None] * DIM + cols[None, :]
-                tl.atomic_add(proj_grad_ptr + at, total, mask=in_w[:, None] & in_d[None, :], sem="relaxed")
+                # proj_at, not at: the D-wide branch's loop assigns ``at`` a [BLOCK_B] tensor, which
+                # after this block (a projected block before a D-wide one) would be a loop-carried
+                # value changing type, a compile error.
+                proj_at = tl.load(row + 6 + 6 * NB + 3 * b) + wcols[:, None] * DIM + cols[None, :]
+                tl.atomic_add(proj_grad_ptr + proj_at, total, mask=in_w[:, None] & in_d[None, :], sem="relaxed")
             else:  # a D-wide block: the row itself, so the row gradient is g
                 for first in range(begin, batch, stride):
                     in_b, starts, lens, grad = _bag_grads(
@@ -473,21 +484,6 @@ def plan_for(collection: Any) -> Any:
     return plan
 
 
-def _uncompiled_on_cuda() -> tuple[type, ...]:
-    from tablezip.compress.compositional import CompositionalLayout
-    from tablezip.compress.multihash import MultiHashLayout
-
-    return (CompositionalLayout, MultiHashLayout)
-
-
-# Layouts whose gradient kernel (``grad_kernel``) Triton 3.6 failed to compile on an H100 (the
-# first GPU run, benchmarks/results/gpu_fused_train_h100.md: "PassManager::run failed" in
-# TritonGPURemoveLayoutConversions). Their collections keep the TBE path on CUDA until that is
-# fixed; the interpreter tests still check the kernel's maths on the CPU. MixedDim and Pruned
-# (``mixed_grad_kernel``) compiled and matched the TBE path there.
-UNCOMPILED_ON_CUDA: tuple[type, ...] = _uncompiled_on_cuda()
-
-
 def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
     from tablezip.compress.compositional import CompositionalLayout
     from tablezip.compress.full import FullLayout
@@ -502,8 +498,6 @@ def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
     supported = (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout, PrunedLayout)
     if not all(type(l) in supported for l in collection.layouts.values()):
         return None
-    if plan.weights.is_cuda and any(type(l) in UNCOMPILED_ON_CUDA for l in collection.layouts.values()):
-        return None  # see UNCOMPILED_ON_CUDA
     cache = getattr(tbe, "lxu_cache_weights", None)
     if isinstance(cache, torch.Tensor) and cache.numel() > 0:
         return None  # cached rows would be newer than the storage the kernels read
