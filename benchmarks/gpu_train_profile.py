@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_collection  # noqa: E402
 from harness import add_gpu_workload_args, env_info  # noqa: E402
 
 from tablezip.compress import fused_train, full_bytes  # noqa: E402
@@ -57,22 +58,14 @@ def kernel_times(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor,
         step()
     if on_cuda:
         torch.cuda.synchronize()
-    calls: list[int] = []
-    real = fused_train.backward_step
-
-    def counted(*a: Any, **kw: Any) -> Any:  # which path the profiled steps took
-        calls.append(1)
-        return real(*a, **kw)
-
-    fused_train.backward_step = counted
+    before = len(gpu_collection.FUSED_STEPS)  # which path the profiled steps took (main counts them)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         if on_cuda:
             torch.cuda.synchronize()
-    fused_train.backward_step = real
-    used = len(calls) == steps
+    used = len(gpu_collection.FUSED_STEPS) - before == steps
     kernels: dict[str, dict[str, float]] = {}
     for event in prof.key_averages():
         us = (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / steps
@@ -96,6 +89,7 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     device = torch.device(args.device)
+    gpu_collection.count_fused_steps()
     features = [FeatureSpec(f"f{i}", args.rows) for i in range(args.tables)]
     g = torch.Generator(device=device).manual_seed(0)
     values = torch.randint(0, args.rows, (args.tables * args.batch,), device=device, generator=g)
