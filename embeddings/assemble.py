@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import native
 from .features import Pooling
 from .registry import CombineForm, FeatureLayout
 
@@ -141,6 +142,27 @@ class AssemblePlan:
             if all(w == dim for w in widths):
                 self.order = tuple(op.cols[0][0] // dim for op in ops)
         self._order_index: dict[torch.device, torch.Tensor] = {}
+        # True (CPU, fp32): forward and backward run as one pass over the rows in C
+        # (embeddings/native_assemble.c), when it could be built (``native.library()``): each row's
+        # slots are read once and every feature's vector computed while they are in cache, where
+        # the torch path makes a separate strided pass (and dispatch) per op. Same float ops in the
+        # same order for identity/add/mult/concat/mean: bitwise equal; projections sum in another
+        # order than BLAS: equal up to rounding (tests/embeddings/test_native.py). False: the torch
+        # path below (the reference, and the "before" in benchmarks/NOTES.md).
+        self.native = True
+        self.program, self.max_cols = _program(ops, self.projections_of)
+
+    def native_ok(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+        """Whether this call may take the C path: switched on, built, a CPU fp32 input whose rows
+        have unit column stride, fp32 CPU weights."""
+        return (
+            self.native
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.stride(1) == 1
+            and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+            and native.library() is not None
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled / deep-copied without the kept output (a cache) and its lock (not picklable)."""
@@ -389,6 +411,21 @@ class _Assemble(torch.autograd.Function):
     ) -> torch.Tensor:
         x = pooled if pooled.shape[0] == batch else pooled[:batch]
         out = plan.output(pooled, batch)
+        if plan.native_ok(x, weights):
+            kept = [w.contiguous() for w in weights]
+            divs = None if divisors is None else divisors.contiguous()
+            used = native.library().tz_assemble_forward(  # type: ignore[union-attr]
+                x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), batch, plan.dim,
+                plan.program.data_ptr(), len(plan.ops), native.pointer_array(kept), native.ptr(divs),
+                0 if divs is None else divs.stride(0), native.threads(batch, out.shape[1]),
+            )  # fmt: skip
+            if used < 0:
+                raise MemoryError("tablezip: the compiled assemble ran out of memory")
+            ctx.plan, ctx.batch, ctx.bags, ctx.divisors, ctx.native = plan, batch, pooled.shape[0], divs, True
+            # TBE's output is kept for the products' gradients and to become TBE's gradient
+            # (``reuse_output``, as below).
+            ctx.save_for_backward(pooled if plan.saves_input or plan.reuse_output else None, *weights)
+            return out
         if plan.gather and plan.order is not None:
             index = plan.order_index(x.device)
             torch.index_select(x.view(batch, -1, plan.dim), 1, index, out=out.view(batch, -1, plan.dim))
@@ -467,6 +504,8 @@ class _Assemble(torch.autograd.Function):
         plan: AssemblePlan = ctx.plan
         pooled, *weights = ctx.saved_tensors
         batch, bags = ctx.batch, ctx.bags
+        if getattr(ctx, "native", False):
+            return _native_backward(ctx, plan, pooled, weights, grad, batch, bags)
         # TBE's output is dead once its own slots have been read here (fbgemm's backward does not
         # need it), so its memory becomes the gradient: one [bags, W] buffer less per step. On a CPU
         # that keeps QR's step under glibc's trim threshold (measured: ~1300-2300 page faults per
@@ -550,6 +589,75 @@ class _Assemble(torch.autograd.Function):
             grad_weights[w] = torch.mm(xs.slot(op, j).t(), g) if wanted[w] else None
             torch.mm(g, weights[w].t(), out=gxs.slot(op, j))
         return (None, grad_pooled, None, None, *grad_weights)
+
+
+def _native_backward(
+    ctx: Any,
+    plan: AssemblePlan,
+    pooled: torch.Tensor | None,
+    weights: list[torch.Tensor],
+    grad: torch.Tensor,
+    batch: int,
+    bags: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward in one C pass over the rows: every slot's gradient into TBE's gradient (TBE's
+    own output, reused, when it was kept contiguous), each wanted projection's gradient summed
+    over the rows (per thread, then over threads)."""
+    reuse = plan.reuse_output and pooled is not None and pooled.is_contiguous()
+    grad_pooled = pooled if reuse else grad.new_empty(bags, plan.width)
+    if bags > batch:
+        grad_pooled[batch:].zero_()
+    x = None if pooled is None else pooled[:batch]
+    wanted = ctx.needs_input_grad[4:]
+    kept = [w.contiguous() for w in weights]
+    sizes = [w.numel() for w in kept]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+    threads = native.threads(batch, grad.shape[1])
+    scratch = grad.new_zeros(threads, total) if total and any(wanted) else None
+    offset_t = torch.tensor(offsets[:-1] or [0], dtype=torch.int64)
+    wanted_t = torch.tensor([int(bool(w)) for w in wanted] or [0], dtype=torch.int64)
+    if grad.dtype != torch.float32 or grad.device.type != "cpu":
+        grad = grad.to(device="cpu", dtype=torch.float32)
+    divs = ctx.divisors
+    used = native.library().tz_assemble_backward(  # type: ignore[union-attr]
+        native.ptr(x), 0 if x is None else x.stride(0), grad_pooled.data_ptr(), grad_pooled.stride(0),
+        grad.data_ptr(), grad.stride(0), grad.stride(1), batch, plan.dim, plan.program.data_ptr(), len(plan.ops),
+        plan.max_cols, native.pointer_array(kept), native.ptr(scratch), offset_t.data_ptr(), wanted_t.data_ptr(),
+        total, native.ptr(divs), 0 if divs is None else divs.stride(0), threads,
+    )  # fmt: skip
+    if used < 0:
+        raise MemoryError("tablezip: the compiled assemble ran out of memory")
+    if reuse:
+        # Written from C, which autograd cannot see: mark TBE's saved output as modified, so a
+        # second backward through this graph is refused, as after the torch path's in-place ops.
+        torch.autograd.graph.increment_version(grad_pooled)
+    grad_weights: list[torch.Tensor | None] = [None] * len(kept)
+    for k, w in enumerate(kept):
+        if wanted[k]:
+            assert scratch is not None
+            grad_weights[k] = scratch[0, offsets[k] : offsets[k + 1]].view_as(w)
+    return (None, grad_pooled, None, None, *grad_weights)
+
+
+_KINDS = {"identity": 0, "mult": 1, "add": 2, "concat": 3, "project": 4}
+
+
+def _program(ops: list[_Op], projections_of: dict[int, list[tuple[int, int]]]) -> tuple[torch.Tensor, int]:
+    """The ops as the C kernels' program (layout in native_assemble.c): per op kind, slot count,
+    output column, mean, feature, then (column, width, weight index or -1) per slot. Also the
+    widest op's total slot width (the C backward's per-row buffer)."""
+    words: list[int] = []
+    widest = 0
+    for i, op in enumerate(ops):
+        weight_of = dict(projections_of.get(i, []))
+        words += [_KINDS[op.kind], len(op.cols), op.out, int(op.mean), op.feature]
+        for j, (col, width) in enumerate(op.cols):
+            words += [col, width, weight_of.get(j, -1)]
+        widest = max(widest, sum(w for _, w in op.cols))
+    return torch.tensor(words or [0], dtype=torch.int64), widest
 
 
 def _run_block(t: torch.Tensor, start: int, run: _Run, per_op: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 * The fused assemble (embeddings/assemble.py) against ``combine`` per feature
   (``fused_assemble = False``): forward, gradients, tables and optimizer state after training
-  steps. Bitwise for identity, products, sums and concatenation (the same float ops in the same
+  steps. Every test runs twice: with the compiled CPU assemble (embeddings/native_assemble.c)
+  and with its torch path (``TABLEZIP_NATIVE=0``). Bitwise for identity, products, sums and concatenation (the same float ops in the same
   order); MixedDim's projections with a tolerance (matrix products into column views).
 * Bags of one id (no cumsums for drops and offsets) and TBE's output returned as it is (a
   collection that only its drops kept off the fast path) against the per-feature reference
@@ -22,7 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned, Unified
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
-from tablezip.embeddings import assemble
+from tablezip.embeddings import assemble, native
 from tablezip.embeddings.assemble import plan_for
 from tests.conftest import random_kjt
 from tests.embeddings.test_conformance import FEATURES, KINDS, NAMES, build
@@ -52,6 +53,19 @@ MIXED_METHODS = {
     "hash": Hash(rows=300),
 }
 MIXED_NAMES = [f.name for f in MIXED_FEATURES]
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def assemble_path(request, monkeypatch) -> str:
+    """Each test on both paths of the fused assemble: the compiled one (skipped where it cannot be
+    built) and the torch one."""
+    if request.param == "native":
+        monkeypatch.setenv(native.ENV_SWITCH, "1")
+        if native.library() is None:
+            pytest.skip("no C compiler: the compiled assemble is not built here")
+    else:
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    return request.param
 
 
 def single_id_kjt(names: list[str], batch: int, high: int, seed: int) -> KeyedJaggedTensor:
