@@ -60,15 +60,18 @@ of every id past ``keep``) is no block test, so it keeps the TBE path. Inference
 path for Pruned (fused_lookup's own plan does not take it; this module builds one with
 ``_build_plan(extra=_pruned_blocks)``).
 
-On the first H100 run (Triton 3.6) MixedDim and Pruned ran allclose to the TBE path: md-10x 2.04x
--> 1.24x and pruned-10x 1.18x -> 0.84x of Full's step. ``grad_kernel`` did not compile there for
-mult and for groups with a large table before a small one (TritonGPURemoveLayoutConversions);
-it now takes the small tables first and loads mult's other factors without the bag mask (see the
-kernel), and tests/compress/test_triton_compile.py compiles every kernel for sm_90 without a GPU.
-QR/KWay/MultiHash's fused step has not been timed on a GPU yet.
+On an H100 (Triton 3.6; 26 x 1M rows, D=64, B=65536, paired with Full's step), fused against
+the TBE path: md-10x 1.12x against 2.10x, pruned-10x 0.84x against 1.18x, QR and KWay 2.08x against
+2.24x, MultiHash 2.25x against 1.19x (so "auto" keeps MultiHash on the TBE path); tables within
+1.5e-7 of the TBE path's after a step. Per-kernel CUDA time (benchmarks/gpu_train_profile.py): QR's
+``grad_kernel`` 2.9 ms of a 4.7 ms step (~110M fp32 atomics for the quotient rows), its update 0.95
+ms. Two Triton 3.6 problems the interpreter cannot show were met and fixed: ``grad_kernel`` did not
+compile for mult and for groups with a large table before a small one
+(TritonGPURemoveLayoutConversions; now small tables first, mult's other factors loaded without the
+bag mask; tests/compress/test_triton_compile.py compiles every kernel for sm_90 without a GPU), and
+a scalar atomic's result reached the lanes wrong under load (see ``list_rows``).
 
-When: opted in (the default mode is "off" until the step has been timed and checked on a GPU;
-``set_mode("auto")`` or ``with mode("auto"):``), grad enabled, CUDA ids and Triton importable (``"on"``: any device,
+When: mode "auto" (the default; not for ``AUTO_SKIPS``) or "on", grad enabled, CUDA ids and Triton importable (``"on"``: any device,
 CPU through Triton's interpreter, as the CPU tests run it; ``"off"``: the TBE path, the
 reference), every feature Full / QR / KWay / MultiHash / MixedDim / Pruned (above) on fp32
 tables of one fbgemm training TBE (the inference plan's condition; MixedDim projections fp32,
@@ -103,9 +106,15 @@ SMALL_ROWS = 32  # tables of at most this many rows are summed per program befor
 MAX_UPDATE_PROGRAMS = 1024  # the update's grid-stride loop: about 8 programs per H100 SM
 MIXED_BAG_BLOCKS = 8  # MixedDim's gradient: bag blocks per program (fewer atomics on the projections' gradients)
 
-# Off by default: the kernels are checked against the TBE path under Triton's interpreter, but
-# have not yet been run and timed on a GPU. ``set_mode("auto")`` (or ``with mode("auto"):``) opts in.
-_switch = KernelSwitch(default="off")
+# "auto" by default since the H100 runs of 2026-12-07 (benchmarks/NOTES.md): on CUDA the fused
+# step trains MixedDim 1.9x, Pruned 1.4x and QR/KWay 1.07x faster than the TBE path, tables allclose
+# to it. "auto" still leaves collections with MultiHash features on the TBE path (``AUTO_SKIPS``);
+# "on" forces the fused step wherever it can run, "off" never runs it.
+_switch = KernelSwitch(default="auto")
+# Ops whose fused step measured slower than the TBE path: MultiHash (probes folded into one TBE bag,
+# which fbgemm's backward handles well): 2.25x of Full's step fused against 1.19x on the TBE path
+# (H100, 26 x 1M rows, D=64, B=65536; its gradient and update kernels touch k rows per id).
+AUTO_SKIPS = frozenset({"multihash"})
 mode = _switch.mode
 set_mode = _switch.set
 
@@ -163,7 +172,16 @@ def _kernels() -> tuple[Any, Any, Any]:
         fresh = new.to(tl.int32)
         count = tl.reduce(fresh, 0, _add)
         if count > 0:
-            first = tl.atomic_add(count_ptr, count, sem="relaxed")
+            # The program's slots from ONE atomic add on the counter, done by lane 0 as a masked
+            # vector atomic and handed to every lane by a reduction. Not a scalar atomic: compiled
+            # by Triton 3.6 for sm_90, its result reached the lanes wrong under load (on an H100,
+            # QR at 26 features, B=4096: slots far past the list, an illegal write here, and rows
+            # missing from the update; benchmarks/NOTES.md), where the interpreter was right.
+            lead = tl.arange(0, BLOCK_B) == 0
+            old_count = tl.atomic_add(
+                count_ptr + tl.full([BLOCK_B], 0, tl.int32), tl.where(lead, count, 0), mask=lead, sem="relaxed"
+            )  # fmt: skip
+            first = tl.reduce(tl.where(lead, old_count, 0), 0, _add)
             slot = first + tl.associative_scan(fresh, 0, _add) - 1
             tl.store(rows_ptr + slot, tag | r, mask=new)
 
@@ -259,10 +277,10 @@ def _kernels() -> tuple[Any, Any, Any]:
                             if tl.reduce(hit.to(tl.int32), 0, _add) > 0:
                                 total = tl.reduce(tl.where(hit[:, None], part_grad, 0.0), 0, _add)
                                 tl.atomic_add(grad_ptr + table_at + r * WIDTH + dest, total, mask=keep, sem="relaxed")
-                                flag = flags_ptr + first_flag + r
-                                if tl.load(flag) == 0:
-                                    if tl.atomic_xchg(flag, 1, sem="relaxed") == 0:
-                                        tl.store(rows_ptr + tl.atomic_add(count_ptr, 1, sem="relaxed"), tag | r)
+                                # Row r joins the list once per step: list_rows on lane 0 alone
+                                # (no scalar atomics: see list_rows).
+                                lane = tl.arange(0, BLOCK_B)
+                                _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, lane * 0 + r, lane == 0, tag, BLOCK_B)
                     else:
                         at = table_at + digit * WIDTH  # element offset of each id's row (int64)
                         tl.atomic_add(
@@ -702,6 +720,12 @@ def _advance_iter(tbe: Any, kind: int) -> None:
     tbe.iter.add_(1)
 
 
+def auto_wants(plan: Any) -> bool:
+    """Whether mode "auto" takes the fused step for a collection with this plan: not when a
+    feature's op is one the fused step trains slower than the TBE path (``AUTO_SKIPS``)."""
+    return not any(f.op in AUTO_SKIPS for f in plan.features)
+
+
 def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor | None:
     """The collection's pooled output [batch, F * D] whose backward is the fused training step, or
     None where the TBE path must run (see the module docstring). ``ids``/``offsets``: the
@@ -713,6 +737,8 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
         return None
     state = state_for(collection)
     if state is None or state.plan.weights.device != ids.device:
+        return None
+    if _switch.value == "auto" and not auto_wants(state.plan):
         return None
     _advance_iter(collection.tbe, state.optimizer)
     return _FusedTrainLookup.apply(

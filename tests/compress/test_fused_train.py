@@ -124,7 +124,7 @@ def test_auto_and_off_keep_the_tbe_path_on_cpu(monkeypatch):
     calls = spy(monkeypatch)
     fused, reference = twins(FEATURES, METHODS, TableOptimizer())
     kjts = batches(NAMES, 0)
-    assert fused_train.current_mode() == "off"  # opt-in until the step has run on a GPU
+    assert fused_train.current_mode() == "auto"  # the default: CUDA only
     with fused_train.mode("auto"):
         assert not fused_train.enabled_for(kjts[0].values())  # CPU ids under "auto"
         train_both(fused, reference, kjts[:1])  # "auto" on CPU
@@ -134,6 +134,16 @@ def test_auto_and_off_keep_the_tbe_path_on_cpu(monkeypatch):
     with pytest.raises(ValueError, match="mode must be"):
         with fused_train.mode("gpu"):
             pass
+
+
+def test_auto_skips_multihash_collections():
+    """Mode "auto" leaves collections with a MultiHash feature on the TBE path (slower fused on an
+    H100), and takes the others; "on" forces the fused step for both (the tests above)."""
+    with_multihash = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS)
+    names = [n for n in NAMES if not n.startswith("multihash")]
+    without = CompressedEmbeddingBagCollection([f for f in FEATURES if f.name in names], DIM, {n: METHODS[n] for n in names})
+    assert not fused_train.auto_wants(fused_train.plan_for(with_multihash))
+    assert fused_train.auto_wants(fused_train.plan_for(without))
 
 
 def test_inference_is_not_the_training_path():
