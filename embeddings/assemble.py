@@ -143,7 +143,7 @@ class AssemblePlan:
                 self.order = tuple(op.cols[0][0] // dim for op in ops)
         self._order_index: dict[torch.device, torch.Tensor] = {}
         # True (CPU, fp32): forward and backward run as one pass over the rows in C
-        # (embeddings/native_assemble.c), when it could be built (``native.library()``): each row's
+        # (embeddings/native.c), when it could be built (``native.library()``): each row's
         # slots are read once and every feature's vector computed while they are in cache, where
         # the torch path makes a separate strided pass (and dispatch) per op. Same float ops in the
         # same order for identity/add/mult/concat/mean: bitwise equal; projections sum in another
@@ -646,7 +646,7 @@ _KINDS = {"identity": 0, "mult": 1, "add": 2, "concat": 3, "project": 4}
 
 
 def _program(ops: list[_Op], projections_of: dict[int, list[tuple[int, int]]]) -> tuple[torch.Tensor, int]:
-    """The ops as the C kernels' program (layout in native_assemble.c): per op kind, slot count,
+    """The ops as the C kernels' program (layout in native.c): per op kind, slot count,
     output column, mean, feature, then (column, width, weight index or -1) per slot. Also the
     widest op's total slot width (the C backward's per-row buffer)."""
     words: list[int] = []

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from . import native
 from .assemble import plan_for
 from .features import FeatureSpec, Pooling
 from .registry import BatchCache, FeatureLayout, IdBatch, MethodConfig, TableSpec, build_layout, interleaved, joined
@@ -57,6 +58,10 @@ class EmbeddingBagLookup(nn.Module):
     # lengths per slot, their sums (a host sync), a split, a stack and a cumsum (the "before" of
     # that change in benchmarks/NOTES.md, issue 3). The same indices and offsets either way.
     unit_drops: bool = True
+    # True: on a CPU, ``_lookup_unit_drops`` compacts the kept ids in one C pass
+    # (embeddings/native.c) when the compiled kernels could be built; False: compare,
+    # ``masked_select`` and cumsum (the reference; the same indices and offsets).
+    native_compaction: bool = True
     # True: with bags of one id and no drops or folds (cached offsets 0..n), ``_general`` builds no
     # per-slot lengths, which those offsets do not need (26 ``ones_like`` per QR forward). False:
     # built and unused, as before. The same TBE call either way.
@@ -413,6 +418,11 @@ class EmbeddingBagLookup(nn.Module):
                 out[f] = ([kept_rows[s][j] for s in range(slots)], [kept_lengths[s, j] for s in range(slots)])
         return out
 
+    def _kept_runs_tensor(self, batch: int) -> torch.Tensor:
+        """``_kept_runs`` as flat [first, end) positions for bags of ``batch`` (int64 pairs)."""
+        pairs = [p for first, end in self._kept_runs for p in (first * batch, end * batch)]
+        return torch.tensor(pairs or [0, 0], dtype=torch.int64)
+
     def _lookup_unit_drops(self, all_rows: list[list[torch.Tensor]], batch: int) -> torch.Tensor:
         """The TBE call for bags of one id when some slots drop ids (-1 rows): every slot holds
         ``batch`` rows (one per bag), so in TBE order the kept rows are one ``masked_select`` and
@@ -420,6 +430,18 @@ class EmbeddingBagLookup(nn.Module):
         the indices and offsets of ``_drop_missing`` + the per-slot stack and cumsum."""
         by_slot = [rows for feature_rows in all_rows for rows in feature_rows]
         flat = joined([by_slot[s] for s in self._tbe_order])
+        lib = native.library() if flat.device.type == "cpu" and self.native_compaction else None
+        if lib is not None and flat.dtype == torch.int64:
+            # One C pass instead of compare + masked_select + cumsum (~1 ms of MixedDim's 10x
+            # step at B=4096; benchmarks/NOTES.md). The same indices and offsets.
+            flat = flat.contiguous()
+            runs = self._kept_runs_tensor(batch)
+            buffer = torch.empty(flat.numel(), dtype=torch.int64)
+            offsets = torch.empty(flat.numel() + 1, dtype=torch.int64)
+            kept = lib.tz_compact_unit_bags(
+                flat.data_ptr(), flat.numel(), runs.data_ptr(), runs.numel() // 2, buffer.data_ptr(), offsets.data_ptr()
+            )
+            return self._lookup(buffer[:kept], offsets, False, built=True)
         keep = flat >= 0
         for first, end in self._kept_runs:  # layouts that never drop: any -1 goes to fbgemm's check
             keep[first * batch : end * batch] = True

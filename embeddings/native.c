@@ -1,5 +1,11 @@
 /*
- * The fused assemble of embeddings/assemble.py as one pass over the rows, for the CPU.
+ * tablezip's compiled CPU kernels, loaded by embeddings/native.py:
+ *   - tz_assemble_forward / tz_assemble_backward: the fused assemble of embeddings/assemble.py as
+ *     one pass over the rows;
+ *   - tz_compact_unit_bags: TBE's indices and offsets for bags of one id some of which were
+ *     dropped (EmbeddingBagLookup._lookup_unit_drops).
+ *
+ * The assemble:
  *
  * Why C: on a CPU the assemble is a few dozen memory-bound ops per step (a copy, product, sum or
  * small matrix product per feature, forward and backward), each a separate pass over [B, D]
@@ -349,7 +355,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_assemble_version(void) { return 1; }
+int64_t tz_native_version(void) { return 2; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -392,4 +398,24 @@ int tz_assemble_backward(const float *x, int64_t x_stride, float *gx, int64_t gx
         }
     }
     return used;
+}
+
+/* Bags of one id, some dropped (id < 0) except in the runs [keep_runs[2r], keep_runs[2r + 1]) of
+ * positions that keep every id (there a negative id goes on to fbgemm's own check): writes the kept
+ * ids to `indices` and bag i's end, the number of kept ids up to and including it, to
+ * offsets[i + 1] (offsets[0] = 0). Returns the number kept. What a compare, a masked_select and a
+ * cumsum compute in three passes (and the masked_select's size sync), in one. */
+int64_t tz_compact_unit_bags(const int64_t *ids, int64_t n, const int64_t *keep_runs, int64_t nruns,
+                             int64_t *indices, int64_t *offsets) {
+    int64_t kept = 0, run = 0;
+    offsets[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        while (run < nruns && keep_runs[2 * run + 1] <= i) run++;
+        const int64_t id = ids[i];
+        const int keep = id >= 0 || (run < nruns && keep_runs[2 * run] <= i);
+        indices[kept] = id; /* written either way, counted only when kept: no branch */
+        kept += keep;
+        offsets[i + 1] = kept;
+    }
+    return kept;
 }

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (``native_assemble.c``): built on first use with the system's C
-compiler, loaded with ctypes.
+"""The compiled CPU kernels (``native.c``: the fused assemble, the compaction of dropped ids):
+built on first use with the system's C compiler, loaded with ctypes.
 
 Why C, and why this way: the fused assemble on a CPU is a few dozen small memory-bound torch ops
 per training step (benchmarks/NOTES.md, issue 3: 2.5-3.3 ms of a 7-8 ms step for QR and
@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native_assemble.c")
+SOURCE = Path(__file__).with_name("native.c")
 # -ffp-contract=off: no fused multiply-adds, so a product or sum rounds exactly as torch's does
 # (the bitwise-equality contract of embeddings/assemble.py). -march=native: the widest vectors
 # this CPU has (the kernels pick their width from the target); the cache key holds the CPU's
 # feature flags, so a cache shared by different CPUs never loads code built for another.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
+VERSION = 2  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()
@@ -82,7 +83,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(), platform.system(), _cpu_signature()]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"tz_assemble-{key}.so"
+    target = _cache_dir() / f"tz_native-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +101,10 @@ def _build(cc: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    lib.tz_assemble_version.restype = _i64
-    lib.tz_assemble_version.argtypes = []
+    lib.tz_native_version.restype = _i64
+    lib.tz_native_version.argtypes = []
+    lib.tz_compact_unit_bags.restype = _i64
+    lib.tz_compact_unit_bags.argtypes = [_i64p, _i64, _i64p, _i64, _i64p, _i64p]
     lib.tz_assemble_forward.restype = _int
     lib.tz_assemble_forward.argtypes = [
         _f32p, _i64, _f32p, _i64, _i64, _i64, _i64p, _i64, _f32p, _f32p, _i64, _int,
@@ -129,11 +132,11 @@ def library() -> ctypes.CDLL | None:
                 raise RuntimeError("no C compiler found (set CC, or install gcc)")
             lib = ctypes.CDLL(str(_build(cc)))
             _declare(lib)
-            if lib.tz_assemble_version() != 1:
+            if lib.tz_native_version() != VERSION:
                 raise RuntimeError("stale shared object (version mismatch)")
             _loaded = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            warnings.warn(f"tablezip: compiled CPU assemble unavailable, using the torch path ({err})", stacklevel=2)
+            warnings.warn(f"tablezip: compiled CPU kernels unavailable, using the torch paths ({err})", stacklevel=2)
             _loaded = None
         _tried = True
         return _loaded

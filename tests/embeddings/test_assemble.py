@@ -2,7 +2,7 @@
 
 * The fused assemble (embeddings/assemble.py) against ``combine`` per feature
   (``fused_assemble = False``): forward, gradients, tables and optimizer state after training
-  steps. Every test runs twice: with the compiled CPU assemble (embeddings/native_assemble.c)
+  steps. Every test runs twice: with the compiled CPU assemble (embeddings/native.c)
   and with its torch path (``TABLEZIP_NATIVE=0``). Bitwise for identity, products, sums and concatenation (the same float ops in the same
   order); MixedDim's projections with a tolerance (matrix products into column views).
 * Bags of one id (no cumsums for drops and offsets) and TBE's output returned as it is (a

@@ -1,4 +1,4 @@
-"""The compiled CPU assemble (embeddings/native.py, native_assemble.c) against the torch path of the
+"""The compiled CPU assemble (embeddings/native.py, native.c) against the torch path of the
 same plan, op by op, and its build: cache, switch, fallback.
 
 Identity, products, sums, concatenation and mean pooling must be bitwise the torch path's (the same
@@ -6,6 +6,7 @@ IEEE ops in the same order); MixedDim's projections equal up to rounding (anothe
 """
 from __future__ import annotations
 
+import collections
 import copy
 import os
 
@@ -136,7 +137,7 @@ def test_training_steps_take_the_compiled_path_and_match(monkeypatch):
     methods = {"a": MixedDim(dims=(16, 4), sizes=(200, 2800)), "b": QR(collisions=9), "c": KWay(partitions=(8, 16, 16)), "d": Full(), "e": Unified(rows=97)}
     coll = CompressedEmbeddingBagCollection(features, 16, methods)
     reference = copy.deepcopy(coll)
-    calls = {"forward": 0, "backward": 0}
+    calls: collections.Counter[str] = collections.Counter()
     lib = native.library()
 
     class Counting:
@@ -144,7 +145,7 @@ def test_training_steps_take_the_compiled_path_and_match(monkeypatch):
             fn = getattr(lib, name)
 
             def counted(*args):
-                calls[name.rsplit("_", 1)[-1]] += 1
+                calls[name] += 1
                 return fn(*args)
 
             return counted
@@ -156,7 +157,7 @@ def test_training_steps_take_the_compiled_path_and_match(monkeypatch):
         for model, on in ((coll, True), (reference, False)):
             plan_for(model).native = on
             model(kjt).values().pow(2).sum().backward()
-    assert calls == {"forward": 3, "backward": 3}
+    assert calls["tz_assemble_forward"] == 3 and calls["tz_assemble_backward"] == 3
     for a, b in zip(coll.state_dict().values(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -169,7 +170,7 @@ def test_switch_off_and_missing_compiler_fall_back(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_loaded", None)
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with pytest.warns(UserWarning, match="compiled CPU assemble unavailable"):
+    with pytest.warns(UserWarning, match="compiled CPU kernels unavailable"):
         assert native.library() is None
     plan = plan_of([FeatureSpec("q", 100)], {"q": QR(collisions=4)}, 8)
     assert not plan.native_ok(torch.zeros(2, plan.width), ())  # and the plan keeps its torch path
@@ -185,7 +186,7 @@ def test_build_is_cached_and_leaves_no_partial_files(monkeypatch, tmp_path):
     mtime = first.stat().st_mtime_ns
     assert native._build(cc) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
-    assert first.name.startswith("tz_assemble-") and os.access(first, os.R_OK)
+    assert first.name.startswith("tz_native-") and os.access(first, os.R_OK)
 
 
 def test_a_failing_compiler_reports_its_error(monkeypatch, tmp_path):
@@ -196,3 +197,48 @@ def test_a_failing_compiler_reports_its_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="boom: no such thing"):
         native._build(str(script))
     assert not any(p.suffix == ".tmp" or p.name.endswith(".so") for p in tmp_path.iterdir() if p != script)
+
+
+@pytest.mark.parametrize("runs", [[], [(0, 2)], [(1, 2), (3, 5)], [(4, 6)]])
+def test_compaction_of_dropped_ids_equals_the_torch_ops(runs):
+    """tz_compact_unit_bags against compare + masked_select + cumsum (what ``_lookup_unit_drops``
+    runs without it): same kept ids, same offsets, negative ids kept inside the runs."""
+    batch, slots = 50, 6
+    flat = torch.randint(-3, 9, (slots * batch,), generator=torch.Generator().manual_seed(len(runs)))
+    keep = flat >= 0
+    for first, end in runs:
+        keep[first * batch : end * batch] = True
+    pairs = torch.tensor([p for first, end in runs for p in (first * batch, end * batch)] or [0, 0], dtype=torch.int64)
+    indices = torch.empty_like(flat)
+    offsets = torch.empty(flat.numel() + 1, dtype=torch.int64)
+    kept = native.library().tz_compact_unit_bags(
+        flat.data_ptr(), flat.numel(), pairs.data_ptr(), pairs.numel() // 2, indices.data_ptr(), offsets.data_ptr()
+    )
+    assert kept == int(keep.sum()) and 0 < kept < flat.numel()
+    assert torch.equal(indices[:kept], torch.masked_select(flat, keep))
+    assert torch.equal(offsets, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)]))
+
+
+def test_collection_with_drops_compacts_in_c_and_trains_bitwise(monkeypatch):
+    """A collection whose MixedDim features drop ids (``keep``) next to ones that never drop: the C
+    compaction runs and the outputs and tables after training steps are bitwise the torch ops'."""
+    features = [FeatureSpec("a", 3000, counts=np.arange(3000, 0, -1)), FeatureSpec("b", 40), FeatureSpec("c", 900, counts=np.arange(900, 0, -1))]
+    methods = {"a": MixedDim(dims=(16,), keep=500), "b": Full(), "c": MixedDim(dims=(16,), keep=100)}
+    coll = CompressedEmbeddingBagCollection(features, 16, methods)
+    reference = copy.deepcopy(coll)
+    reference.native_compaction = False
+    called = []
+    real = coll._kept_runs_tensor
+    monkeypatch.setattr(coll, "_kept_runs_tensor", lambda batch: called.append(batch) or real(batch))
+    for step in range(3):
+        kjt = single_id_kjt(["a", "b", "c"], 64, 3000, step)
+        outs = []
+        for model in (coll, reference):
+            out = model(kjt).values()
+            out.pow(2).sum().backward()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1])
+        assert torch.count_nonzero(outs[0][:, :16].abs().sum(1) == 0) > 0  # some ids of "a" were dropped
+    assert called == [64, 64, 64]
+    for a, b in zip(coll.table_weights(), reference.table_weights()):
+        assert torch.equal(a, b)
