@@ -619,8 +619,6 @@ def _native_backward(
     scratch = grad.new_zeros(threads, total) if total and any(wanted) else None
     offset_t = torch.tensor(offsets[:-1] or [0], dtype=torch.int64)
     wanted_t = torch.tensor([int(bool(w)) for w in wanted] or [0], dtype=torch.int64)
-    if grad.dtype != torch.float32 or grad.device.type != "cpu":
-        grad = grad.to(device="cpu", dtype=torch.float32)
     divs = ctx.divisors
     used = native.library().tz_assemble_backward(  # type: ignore[union-attr]
         native.ptr(x), 0 if x is None else x.stride(0), grad_pooled.data_ptr(), grad_pooled.stride(0),
