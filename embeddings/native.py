@@ -64,7 +64,19 @@ def compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "tablezip" / "native")
+    """``TABLEZIP_NATIVE_CACHE``, else ``~/.cache/tablezip/native``; where that cannot be created
+    or written (a read-only home on a CI runner or a container), a per-user folder in the temp dir."""
+    explicit = os.environ.get(ENV_CACHE)
+    if explicit:
+        return Path(explicit)
+    preferred = Path.home() / ".cache" / "tablezip" / "native"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"tablezip-native-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _cpu_signature() -> str:

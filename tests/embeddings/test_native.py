@@ -242,3 +242,18 @@ def test_collection_with_drops_compacts_in_c_and_trains_bitwise(monkeypatch):
     assert called == [64, 64, 64]
     for a, b in zip(coll.table_weights(), reference.table_weights()):
         assert torch.equal(a, b)
+
+
+def test_an_unwritable_home_builds_in_the_temp_dir(monkeypatch, tmp_path):
+    """No cache variable and a home whose cache folder cannot be created: the build goes to a
+    per-user folder in the temp dir instead of failing (CI runners, containers)."""
+    monkeypatch.delenv(native.ENV_CACHE, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".cache").write_text("a file where the folder would go")
+    monkeypatch.setattr(native.Path, "home", classmethod(lambda cls: home))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    where = native._cache_dir()
+    assert where.parent == tmp_path / "tmp" and where.name.startswith("tablezip-native-")
+    built = native._build(native.compiler())
+    assert built.parent == where and built.exists()
