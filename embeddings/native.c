@@ -233,6 +233,21 @@ INL void backward_row(const job_t *job, int64_t b, float *buf, float *gbuf, floa
                 memcpy(gx + s[0], g + column, (size_t)s[1] * sizeof(float));
                 column += s[1];
             }
+        } else if (kind == K_MULT && n == 2 && D % VW == 0 && D <= 128) {
+            /* QR: both parts loaded into registers before either gradient is stored (they may be
+             * the same memory), no copy through buf. p0 gets g * p1, p1 gets g * p0. */
+            vf p0[D / VW > 0 ? D / VW : 1], p1[D / VW > 0 ? D / VW : 1];
+            const float *a = x + s_col(op, 0), *c = x + s_col(op, 1);
+            for (int64_t q = 0; q < D / VW; q++) {
+                p0[q] = ldw(a + VW * q);
+                p1[q] = ldw(c + VW * q);
+            }
+            float *g0 = gx + s_col(op, 0), *g1 = gx + s_col(op, 1);
+            for (int64_t q = 0; q < D / VW; q++) {
+                const vf gq = ldw(g + VW * q);
+                stw(g0 + VW * q, gq * p1[q]);
+                stw(g1 + VW * q, gq * p0[q]);
+            }
         } else if (kind == K_MULT) {
             for (int64_t j = 0; j < n; j++) vcopy(buf + j * D, x + s_col(op, j), D);
             if (n == 2) { /* p0 gets g * p1, p1 gets g * p0 */
