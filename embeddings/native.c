@@ -111,9 +111,13 @@ INL float vdot(const float *a, const float *b, const int64_t D) {
     if (D % VW == 0) {
         vf sum = ldw(a) * ldw(b);
         for (int64_t d = VW; d < D; d += VW) sum = sum + ldw(a + d) * ldw(b + d);
-        float total = 0.0f;
-        for (int i = 0; i < VW; i++) total += sum[i];
-        return total;
+        /* The lanes summed as a tree (halves, then quarters, ...): 3 dependent adds for 8 lanes
+         * instead of 8 in a chain. */
+        float t[VW];
+        memcpy(t, &sum, sizeof t);
+        for (int w = VW / 2; w >= 1; w /= 2)
+            for (int i = 0; i < w; i++) t[i] += t[i + w];
+        return t[0];
     }
     if (D % 4 == 0) {
         v4 sum = ld(a) * ld(b);
