@@ -148,8 +148,11 @@ class AssemblePlan:
         # the torch path makes a separate strided pass (and dispatch) per op. Same float ops in the
         # same order for identity/add/mult/concat/mean: bitwise equal; projections sum in another
         # order than BLAS: equal up to rounding (tests/embeddings/test_native.py). False: the torch
-        # path below (the reference, and the "before" in benchmarks/NOTES.md).
-        self.native = True
+        # path below (the reference, and the "before" in benchmarks/NOTES.md). Not for a ``gather``
+        # plan (unified: copies only, out of order): there torch's one row-wise ``index_select``
+        # forward and the column copies backward are as fast or faster than the C pass (unified's
+        # step 1.01x and 1.10x slower with it, A/Bs in shuffled order on 2026-12-07).
+        self.native = not (self.gather and self.order is not None)
         self.program, self.max_cols = _program(ops, self.projections_of)
 
     def native_ok(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
