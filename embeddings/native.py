@@ -104,7 +104,12 @@ def _build(cc: str) -> Path:
     try:
         result = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({result.returncode}): {result.stderr.strip()[:2000]}")
+            # A compiler without -march=native for this target (some cross or older compilers):
+            # the portable build (4-wide vectors) rather than none.
+            portable = [f for f in FLAGS if f != "-march=native"]
+            retry = subprocess.run([cc, *portable, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if retry.returncode != 0:
+                raise RuntimeError(f"{cc} failed ({result.returncode}): {result.stderr.strip()[:2000]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import ctypes
 import os
 
 import numpy as np
@@ -257,3 +258,19 @@ def test_an_unwritable_home_builds_in_the_temp_dir(monkeypatch, tmp_path):
     assert where.parent == tmp_path / "tmp" and where.name.startswith("tablezip-native-")
     built = native._build(native.compiler())
     assert built.parent == where and built.exists()
+
+
+def test_a_compiler_without_march_native_gets_the_portable_build(monkeypatch, tmp_path):
+    """A compiler that rejects -march=native: the build retries without it and loads."""
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "cache"))
+    real = native.compiler()
+    script = tmp_path / "picky-cc"
+    script.write_text(
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && { echo 'unknown -march=native' >&2; exit 1; }; done\n"
+        f"exec {real} \"$@\"\n"
+    )
+    script.chmod(0o755)
+    built = native._build(str(script))
+    lib = ctypes.CDLL(str(built))
+    lib.tz_native_version.restype = ctypes.c_int64
+    assert lib.tz_native_version() == native.VERSION
