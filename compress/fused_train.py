@@ -735,10 +735,10 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     placeholder = getattr(collection.tbe, "placeholder_autograd_tensor", None)
     if not isinstance(placeholder, torch.Tensor) or not placeholder.requires_grad:
         return None
+    if _switch.value == "auto" and not auto_wants(plan_for(collection)):
+        return None  # before state_for: a skipped collection never allocates the step's buffers
     state = state_for(collection)
     if state is None or state.plan.weights.device != ids.device:
-        return None
-    if _switch.value == "auto" and not auto_wants(state.plan):
         return None
     _advance_iter(collection.tbe, state.optimizer)
     return _FusedTrainLookup.apply(

@@ -419,9 +419,14 @@ class EmbeddingBagLookup(nn.Module):
         return out
 
     def _kept_runs_tensor(self, batch: int) -> torch.Tensor:
-        """``_kept_runs`` as flat [first, end) positions for bags of ``batch`` (int64 pairs)."""
-        pairs = [p for first, end in self._kept_runs for p in (first * batch, end * batch)]
-        return torch.tensor(pairs or [0, 0], dtype=torch.int64)
+        """``_kept_runs`` as flat [first, end) positions for bags of ``batch`` (int64 pairs), built
+        once per batch size (the runs never change) instead of on every forward."""
+        cache = self.__dict__.setdefault("_kept_runs_by_batch", {})  # a cache, not module state
+        runs = cache.get(batch)
+        if runs is None:
+            pairs = [p for first, end in self._kept_runs for p in (first * batch, end * batch)]
+            runs = cache[batch] = torch.tensor(pairs or [0, 0], dtype=torch.int64)
+        return runs
 
     def _lookup_unit_drops(self, all_rows: list[list[torch.Tensor]], batch: int) -> torch.Tensor:
         """The TBE call for bags of one id when some slots drop ids (-1 rows): every slot holds
@@ -432,8 +437,8 @@ class EmbeddingBagLookup(nn.Module):
         flat = joined([by_slot[s] for s in self._tbe_order])
         lib = native.library() if flat.device.type == "cpu" and self.native_compaction else None
         if lib is not None and flat.dtype == torch.int64:
-            # One C pass instead of compare + masked_select + cumsum (~1 ms of MixedDim's 10x
-            # step at B=4096; benchmarks/NOTES.md). The same indices and offsets.
+            # One C pass instead of compare + masked_select + cumsum (208 vs 246-314 us at 106k
+            # ids; within noise on a whole step, benchmarks/NOTES.md). The same indices and offsets.
             flat = flat.contiguous()
             runs = self._kept_runs_tensor(batch)
             buffer = torch.empty(flat.numel(), dtype=torch.int64)

@@ -254,22 +254,17 @@ INL void backward_row(const job_t *job, int64_t b, float *buf, float *gbuf, floa
             }
         } else if (kind == K_MULT) {
             for (int64_t j = 0; j < n; j++) vcopy(buf + j * D, x + s_col(op, j), D);
-            if (n == 2) { /* p0 gets g * p1, p1 gets g * p0 */
-                vmul(gx + s_col(op, 0), g, buf + D, D);
-                vmul(gx + s_col(op, 1), g, buf, D);
-            } else {
-                /* As autograd through ((p0 * p1) * p2) * ...: prefixes[j] = p0 * ... * pj
-                 * (j < n - 1), in tmp; walking back, slot j gets running * prefixes[j - 1] and
-                 * running becomes running * pj; slot 0 gets the final running. */
-                vcopy(tmp, buf, D);
-                for (int64_t j = 1; j < n - 1; j++) vmul(tmp + j * D, tmp + (j - 1) * D, buf + j * D, D);
-                if (g != gbuf) { vcopy(gbuf, g, D); g = gbuf; }
-                for (int64_t j = n - 1; j > 0; j--) {
-                    vmul(gx + s_col(op, j), gbuf, tmp + (j - 1) * D, D);
-                    vmul(gbuf, gbuf, buf + j * D, D);
-                }
-                vcopy(gx + s_col(op, 0), gbuf, D);
+            /* As autograd through ((p0 * p1) * p2) * ...: prefixes[j] = p0 * ... * pj (j < n - 1),
+             * in tmp; walking back, slot j gets running * prefixes[j - 1] and running becomes
+             * running * pj; slot 0 gets the final running (n = 2: g * p0 and g * p1). */
+            vcopy(tmp, buf, D);
+            for (int64_t j = 1; j < n - 1; j++) vmul(tmp + j * D, tmp + (j - 1) * D, buf + j * D, D);
+            if (g != gbuf) { vcopy(gbuf, g, D); g = gbuf; }
+            for (int64_t j = n - 1; j > 0; j--) {
+                vmul(gx + s_col(op, j), gbuf, tmp + (j - 1) * D, D);
+                vmul(gbuf, gbuf, buf + j * D, D);
             }
+            vcopy(gx + s_col(op, 0), gbuf, D);
         } else { /* project */
             int64_t column = 0;
             for (int64_t j = 0; j < n; j++) { /* the projected slots, read first */
