@@ -61,15 +61,18 @@ path for Pruned (fused_lookup's own plan does not take it; this module builds on
 ``_build_plan(extra=_pruned_blocks)``).
 
 On an H100 (Triton 3.6; 26 x 1M rows, D=64, B=65536, paired with Full's step), fused against
-the TBE path: md-10x 1.12x against 2.10x, pruned-10x 0.84x against 1.18x, QR and KWay 2.08x against
-2.24x, MultiHash 2.25x against 1.19x (so "auto" keeps MultiHash on the TBE path); tables within
-1.5e-7 of the TBE path's after a step. Per-kernel CUDA time (benchmarks/gpu_train_profile.py): QR's
-``grad_kernel`` 2.9 ms of a 4.7 ms step (~110M fp32 atomics for the quotient rows), its update 0.95
-ms. Two Triton 3.6 problems the interpreter cannot show were met and fixed: ``grad_kernel`` did not
-compile for mult and for groups with a large table before a small one
-(TritonGPURemoveLayoutConversions; now small tables first, mult's other factors loaded without the
-bag mask; tests/compress/test_triton_compile.py compiles every kernel for sm_90 without a GPU), and
-a scalar atomic's result reached the lanes wrong under load (see ``list_rows``).
+the TBE path: QR and KWay 1.17x against 2.24x, md-10x 1.16x against 2.04x, pruned-10x 0.69x against
+1.18x, MultiHash 1.27-1.38x against 1.19x (so "auto" keeps MultiHash on the TBE path); tables within
+1.5e-7 of the TBE path's after a step (benchmarks/results/gpu_fused_train_vec_h100.md). Per kernel
+(benchmarks/gpu_fused_knobs.py): QR's ``grad_kernel`` took 2.9 ms with scalar fp32 atomics and 64
+bags per program; four-float ``red.global.add.v4.f32`` (``add_quads``) made it 2.2 ms and 128 bags
+per program (half the per-program row sums of the small remainder tables) 1.04 ms; its update
+kernel 0.95 ms at 32 rows per program, ~0.8 ms at 16. Two Triton 3.6 problems the interpreter
+cannot show were met and fixed: ``grad_kernel`` did not compile for mult and for groups with a
+large table before a small one (TritonGPURemoveLayoutConversions; now small tables first, mult's
+other factors loaded without the bag mask; tests/compress/test_triton_compile.py compiles every
+kernel for sm_90 without a GPU), and a scalar atomic's result reached the lanes wrong under load
+(see ``list_rows``).
 
 When: mode "auto" (the default; not for ``AUTO_SKIPS``) or "on", grad enabled, CUDA ids and Triton importable (``"on"``: any device,
 CPU through Triton's interpreter, as the CPU tests run it; ``"off"``: the TBE path, the
@@ -100,20 +103,32 @@ from tablezip.compress.kernel_switch import KernelSwitch
 
 OPTIMIZERS = {"EXACT_ROWWISE_ADAGRAD": 0, "EXACT_ADAGRAD": 1, "EXACT_SGD": 2}
 TABLE_BITS = 40  # a listed row is (table << TABLE_BITS) | row: tables of up to 2**40 rows
-BLOCK_ROWS = 32  # rows per program of the update kernel
-GRAD_BLOCK_BAGS = 64  # bags per program of the gradient kernel (more bags: fewer atomics on small tables)
+# Launch shapes. The H100 values come from benchmarks/gpu_fused_knobs.py (26 x 1M rows, D=64,
+# B=65536; benchmarks/NOTES.md): 128 bags per gradient program took QR's gradient kernel from
+# 2.9 ms (64 bags, scalar atomics) to 1.04 ms with VECTOR_ATOMICS (vector atomics at 64 bags: 2.2 ms; at 256: 1.12);
+# MixedDim's kernel, whose programs also hold [bags, width] dot tiles, got 3.2x slower at 128.
+BLOCK_ROWS = 16  # rows per program of the update kernel (QR: 32 rows 0.95 ms, 128 rows 1.9 ms)
+GRAD_BLOCK_BAGS = 128  # bags per program of the gradient kernel (more bags: fewer atomics on small tables)
+MIXED_BLOCK_BAGS = 64  # bags per block of MixedDim's gradient kernel
 SMALL_ROWS = 32  # tables of at most this many rows are summed per program before the atomics
 MAX_UPDATE_PROGRAMS = 1024  # the update's grid-stride loop: about 8 programs per H100 SM
 MIXED_BAG_BLOCKS = 8  # MixedDim's gradient: bag blocks per program (fewer atomics on the projections' gradients)
+UPDATE_WARPS = 4  # warps per update program
+# True: compiled gradient kernels add rows four floats per instruction (``add_quads``: Hopper's
+# ``red.global.add.v4.f32``) where every row of the group is 16-byte aligned; False: one scalar
+# atomic per float (``tl.atomic_add``; the interpreter always, which cannot run inline PTX).
+# A plain switch so benchmarks/gpu_fused_knobs.py can time both in one process.
+VECTOR_ATOMICS = True
 
 # "auto" by default since the H100 runs of 2026-12-07 (benchmarks/NOTES.md): on CUDA the fused
-# step trains MixedDim 1.9x, Pruned 1.4x and QR/KWay 1.07x faster than the TBE path, tables allclose
+# step trains QR/KWay 1.9x, MixedDim 1.8x and Pruned 1.7x faster than the TBE path, tables allclose
 # to it. "auto" still leaves collections with MultiHash features on the TBE path (``AUTO_SKIPS``);
 # "on" forces the fused step wherever it can run, "off" never runs it.
 _switch = KernelSwitch(default="auto")
 # Ops whose fused step measured slower than the TBE path: MultiHash (probes folded into one TBE bag,
-# which fbgemm's backward handles well): 2.25x of Full's step fused against 1.19x on the TBE path
-# (H100, 26 x 1M rows, D=64, B=65536; its gradient and update kernels touch k rows per id).
+# which fbgemm's backward handles well): 1.38x of Full's step fused (1.27x with 8 update warps;
+# 2.25x before the vector atomics) against 1.19x on the TBE path (H100, 26 x 1M rows, D=64,
+# B=65536; its update kernel, 1.2-1.45 ms, touches k rows per id).
 AUTO_SKIPS = frozenset({"multihash"})
 mode = _switch.mode
 set_mode = _switch.set
@@ -188,6 +203,30 @@ def _kernels() -> tuple[Any, Any, Any]:
     globals()["_list_rows"] = list_rows
 
     @triton.jit
+    def add_quads(base, lo, hi, values, rows_live, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        # values[:, c] for c in [lo, hi) added at base + (c - lo), four columns per instruction:
+        # Hopper's ``red.global.add.v4.f32``. Triton 3.6 compiles ``tl.atomic_add`` on fp32 to
+        # one scalar atom.add per element (32 per thread per 64 x 64 tile), which bounds QR's
+        # gradient kernel (benchmarks/NOTES.md). The tile is split into its four columns of each
+        # quad with reshape + split, so which elements go together does not depend on the layout
+        # the compiler picks. The caller guarantees: lo, hi and every row's base 16-byte aligned
+        # (multiples of 4 floats), so a quad is wholly inside or outside [lo, hi).
+        quad = tl.arange(0, BLOCK_D // 4) * 4
+        # Addresses as integers: inline_asm_elementwise type-checks its operands as one binary op
+        # would, and a pointer beside floats fails that.
+        ptrs = (base[:, None] + (quad - lo)[None, :]).to(tl.int64)
+        live = (rows_live[:, None] & ((quad >= lo) & (quad < hi))[None, :]).to(tl.int32)
+        even, odd = tl.split(tl.reshape(values, [BLOCK_B, BLOCK_D // 4, 2, 2]))  # columns 4k + 2i + j: by j
+        v0, v2 = tl.split(even)  # by i
+        v1, v3 = tl.split(odd)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred tzp; setp.ne.b32 tzp, $2, 0; @tzp red.relaxed.gpu.global.add.v4.f32 [$1], {$3, $4, $5, $6}; mov.b32 $0, 0; }",
+            "=r,l,r,f,f,f,f", [ptrs, live, v0, v1, v2, v3], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+    globals()["_add_quads"] = add_quads
+
+    @triton.jit
     def bag_grads(offsets_ptr, grad_out_ptr, feature, mean, first, batch, grad_out_stride, cols, in_d,
                   DIM: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
         # Bags [first, first + BLOCK_B) of a feature: (in range, first id, length, upstream
@@ -212,8 +251,10 @@ def _kernels() -> tuple[Any, Any, Any]:
         batch, grad_out_stride,
         K: tl.constexpr, OP: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_D: tl.constexpr, MIX1: tl.constexpr, MIX2: tl.constexpr, TABLE_SHIFT: tl.constexpr, SMALL: tl.constexpr,
+        VEC: tl.constexpr,
     ):  # fmt: skip
-        # SMALL: bit j set where partition j's table has at most SMALL_ROWS rows (in every
+        # VEC: large tables' rows added four columns per instruction (``add_quads``; compiled
+        # kernels only, every row 16-byte aligned). SMALL: bit j set where partition j's table has at most SMALL_ROWS rows (in every
         # feature of the group). params row of this program's feature: the inference row (feature, num_embeddings,
         # mean, per partition j: stride or seed, radix, table element offset), then per
         # partition j: the table's first flag (row base) and the table's index.
@@ -247,14 +288,13 @@ def _kernels() -> tuple[Any, Any, Any]:
                     first_flag = tl.load(row + 3 + 3 * K + 2 * j)
                     tag = tl.load(row + 4 + 3 * K + 2 * j) << TABLE_SHIFT  # the table's index, listed rows
                     # Partition j's gradient rows [BLOCK_B, BLOCK_D] and where its columns go.
+                    part_grad = grad  # add, Full, multihash's probes: the gradient itself; concat: its columns
                     if OP == 2:  # concat: partition j's row is columns [j * WIDTH, (j + 1) * WIDTH)
-                        part_grad = grad
-                        dest = cols - j * WIDTH
-                        keep = (cols >= j * WIDTH) & (cols < (j + 1) * WIDTH)
+                        lo = j * WIDTH
+                        hi = (j + 1) * WIDTH
                     else:
-                        part_grad = grad  # add, Full, multihash's probes: the gradient itself
-                        dest = cols
-                        keep = in_d
+                        lo = 0
+                        hi = DIM
                         if OP == 0 and K > 1:  # mult: the gradient times the product of the other parts
                             for o in tl.static_range(K):
                                 if o != j:
@@ -267,6 +307,8 @@ def _kernels() -> tuple[Any, Any, Any]:
                                     # ids load as 0), a product the masked atomics below drop.
                                     part = tl.load(weights_ptr + at_o[:, None] + cols[None, :], mask=in_d[None, :], other=0.0)
                                     part_grad = part_grad * part
+                    dest = cols - lo
+                    keep = (cols >= lo) & (cols < hi)
                     if small:
                         # A table of at most SMALL_ROWS rows (QR's remainders): most of the program's
                         # bags hit each row, so the program sums its bags' terms per row first and
@@ -283,9 +325,13 @@ def _kernels() -> tuple[Any, Any, Any]:
                                 _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, lane * 0 + r, lane == 0, tag, BLOCK_B)
                     else:
                         at = table_at + digit * WIDTH  # element offset of each id's row (int64)
-                        tl.atomic_add(
-                            grad_ptr + at[:, None] + dest[None, :], part_grad, mask=live[:, None] & keep[None, :], sem="relaxed"
-                        )  # fmt: skip
+                        if VEC:
+                            _add_quads(grad_ptr + at, lo, hi, part_grad, live, BLOCK_B, BLOCK_D)
+                        else:
+                            tl.atomic_add(
+                                grad_ptr + at[:, None] + dest[None, :], part_grad, mask=live[:, None] & keep[None, :],
+                                sem="relaxed",
+                            )  # fmt: skip
                         _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, digit, live, tag, BLOCK_B)
 
     @triton.jit
@@ -293,9 +339,10 @@ def _kernels() -> tuple[Any, Any, Any]:
         ids_ptr, offsets_ptr, grad_out_ptr, weights_ptr, remap_ptr, grad_ptr, flags_ptr, rows_ptr, count_ptr,
         proj_grad_ptr, params_ptr, batch, grad_out_stride,
         NB: tl.constexpr, REMAP: tl.constexpr, PROJ: tl.constexpr, DIM: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, TABLE_SHIFT: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, TABLE_SHIFT: tl.constexpr, VEC: tl.constexpr,
     ):  # fmt: skip
-        # MixedDim (and Pruned, as D-wide blocks). params row: fused_lookup's mixed row (feature,
+        # VEC: rows added four columns per instruction (``add_quads``; every block's rows 16-byte
+        # aligned). MixedDim (and Pruned, as D-wide blocks). params row: fused_lookup's mixed row (feature,
         # num_embeddings, mean, remap offset, per block: first rank, rows, table offset, width,
         # projected, projection offset), then per block: first flag, table index, element offset
         # of its projection's gradient in proj_grad. PROJ: bit b set where block b is projected
@@ -342,7 +389,11 @@ def _kernels() -> tuple[Any, Any, Any]:
                         cells = (table_at + tl.where(hit, local, 0) * width)[:, None] + wcols[None, :]
                         inside = hit[:, None] & in_w[None, :]
                         pooled += tl.load(weights_ptr + cells, mask=inside, other=0.0)
-                        tl.atomic_add(grad_ptr + cells, row_grad, mask=inside, sem="relaxed")
+                        if VEC:
+                            _add_quads(grad_ptr + table_at + tl.where(hit, local, 0) * width, 0, width, row_grad, hit,
+                                       BLOCK_B, BLOCK_W)  # fmt: skip
+                        else:
+                            tl.atomic_add(grad_ptr + cells, row_grad, mask=inside, sem="relaxed")
                         _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, local, hit, tag, BLOCK_B)
                     total += tl.dot(tl.trans(pooled), grad, input_precision="ieee")  # [BLOCK_W, BLOCK_D]
                 # Every id of the step adds to the same P_i elements, so the program sums its
@@ -362,9 +413,12 @@ def _kernels() -> tuple[Any, Any, Any]:
                         ids = tl.load(ids_ptr + starts + i, mask=live, other=0)
                         local, hit = _block_local(_mixed_ranks(ids, live, n, remap_ptr, row, REMAP), live, row, b)
                         at = table_at + tl.where(hit, local, 0) * width
-                        tl.atomic_add(
-                            grad_ptr + at[:, None] + cols[None, :], grad, mask=hit[:, None] & in_d[None, :], sem="relaxed"
-                        )  # fmt: skip
+                        if VEC:
+                            _add_quads(grad_ptr + at, 0, DIM, grad, hit, BLOCK_B, BLOCK_D)
+                        else:
+                            tl.atomic_add(
+                                grad_ptr + at[:, None] + cols[None, :], grad, mask=hit[:, None] & in_d[None, :], sem="relaxed"
+                            )  # fmt: skip
                         _list_rows(flags_ptr + first_flag, rows_ptr, count_ptr, local, hit, tag, BLOCK_B)
 
     @triton.jit
@@ -407,7 +461,25 @@ def _kernels() -> tuple[Any, Any, Any]:
             tl.store(grad_ptr + cells, tl.full([BLOCK_R, BLOCK_D], 0.0, tl.float32), mask=inside)
             tl.store(flags_ptr + tl.load(info + 2, mask=live, other=0) + r, tl.full([BLOCK_R], 0, tl.int32), mask=live)
 
+    # Inline PTX (``add_quads``) exists only for compiled kernels: the interpreter gets VEC=0.
+    globals()["_COMPILED"] = not type(grad_kernel).__name__.startswith("Interpreted")
     return grad_kernel, mixed_grad_kernel, update_kernel
+
+
+_COMPILED = False  # set by _kernels(): whether they were built for the compiler (not the interpreter)
+
+
+def _quads_ok(offsets: list[int], widths: list[int], dim: int, grad: torch.Tensor) -> bool:
+    """Whether a group's gradient rows may take ``add_quads``: switched on, compiled kernels, and
+    every row and column range 16-byte aligned (element offsets and widths multiples of 4, the
+    buffer aligned)."""
+    return (
+        VECTOR_ATOMICS
+        and _COMPILED
+        and dim % 4 == 0
+        and grad.data_ptr() % 16 == 0
+        and all(x % 4 == 0 for x in list(offsets) + list(widths))
+    )
 
 
 # -- the collection's side -------------------------------------------------------------------
@@ -625,6 +697,7 @@ def backward_step(
             batch, grad_out.stride(0),
             K=k, OP=fused_lookup.OPS[op], WIDTH=width, DIM=dim, BLOCK_B=GRAD_BLOCK_BAGS, BLOCK_D=block_d,
             MIX1=fused_lookup._MIX[0], MIX2=fused_lookup._MIX[1], TABLE_SHIFT=TABLE_BITS, SMALL=small,
+            VEC=_quads_ok([o for f in members for o in f.table_offsets], [width], dim, state.grad),
             num_warps=fused_lookup.NUM_WARPS,
         )  # fmt: skip
     projection_grad = None
@@ -652,13 +725,15 @@ def backward_step(
         # tl.dot wants every side >= 16: the tiles are padded (masked) up to it.
         widths = [w for m in members for w, p in zip(m.widths, m.projection_offsets) if p is not None]
         block_w = max(16, _pow2(max(widths, default=16)))
-        programs = -(-batch // (GRAD_BLOCK_BAGS * MIXED_BAG_BLOCKS))
+        programs = -(-batch // (MIXED_BLOCK_BAGS * MIXED_BAG_BLOCKS))
         mixed_grad_kernel[(programs, len(members))](
             ids, offsets, grad_out, state.plan.weights, state.plan.remaps if remapped else params, state.grad,
             state.flags, state.rows, state.count, projection_grad if projection_grad is not None else state.grad,
             params, batch, grad_out.stride(0),
-            NB=nb, REMAP=remapped, PROJ=projected, DIM=dim, BLOCK_B=GRAD_BLOCK_BAGS, BLOCK_D=max(16, block_d),
-            BLOCK_W=block_w, TABLE_SHIFT=TABLE_BITS, num_warps=fused_lookup.NUM_WARPS,
+            NB=nb, REMAP=remapped, PROJ=projected, DIM=dim, BLOCK_B=MIXED_BLOCK_BAGS, BLOCK_D=max(16, block_d),
+            BLOCK_W=block_w, TABLE_SHIFT=TABLE_BITS,
+            VEC=_quads_ok([o for m in members for o in m.table_offsets], [w for m in members for w in m.widths], dim, state.grad),
+            num_warps=fused_lookup.NUM_WARPS,
         )  # fmt: skip
     # At most one list entry per id and partition (and per row): the grid covers that bound,
     # the loop inside stops at the device-side count, so the host never waits for it.
@@ -668,7 +743,7 @@ def backward_step(
     update_kernel[(programs,)](
         state.rows, state.count, state.grad, state.flags, state.plan.weights, state.state, state.tables,
         float(tbe.learning_rate_tensor), float(tbe.optimizer_args.eps),
-        OPT=state.optimizer, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_w, TABLE_SHIFT=TABLE_BITS, num_warps=fused_lookup.NUM_WARPS,
+        OPT=state.optimizer, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_w, TABLE_SHIFT=TABLE_BITS, num_warps=UPDATE_WARPS,
     )  # fmt: skip
     state.count.zero_()
     return projection_grad

@@ -263,7 +263,7 @@ def test_mixed_dim_three_steps_match_the_tbe_path(interpreted, monkeypatch, opti
 def test_mixed_dim_programs_loop_over_bag_blocks(interpreted, monkeypatch):
     """Blocks of 16 bags, two per program, 70 bags: programs that loop over several bag blocks
     (their projection sums carried across them) and a last, partial block."""
-    monkeypatch.setattr(fused_train, "GRAD_BLOCK_BAGS", 16)
+    monkeypatch.setattr(fused_train, "MIXED_BLOCK_BAGS", 16)
     monkeypatch.setattr(fused_train, "MIXED_BAG_BLOCKS", 2)
     calls = spy(monkeypatch)
     fused, reference = twins(MD_FEATURES, MD_METHODS, TableOptimizer(lr=0.05))
@@ -343,3 +343,52 @@ def test_pruned_inference_keeps_the_tbe_path(interpreted):
     fused, _ = pruned_twins(TableOptimizer())
     assert fused_lookup.plan_for(fused).weights is None
     assert fused_train.plan_for(fused).weights is not None
+
+
+def test_vector_atomics_only_where_every_row_is_aligned(monkeypatch):
+    """``add_quads`` adds four floats at one 16-byte aligned address: a group takes it only when
+    switched on, compiled (the interpreter cannot run inline PTX), and every table offset, width,
+    the dimension and the buffer are multiples of 4 floats; anything else keeps scalar atomics."""
+    aligned = torch.zeros(64)
+    assert aligned.data_ptr() % 16 == 0
+    monkeypatch.setattr(fused_train, "_COMPILED", True)
+    monkeypatch.setattr(fused_train, "VECTOR_ATOMICS", True)
+    assert fused_train._quads_ok([0, 64, 128], [64], 64, aligned)
+    assert fused_train._quads_ok([0, 12], [12, 4], 24, aligned)
+    assert not fused_train._quads_ok([0, 66], [64], 64, aligned)  # a table at an odd offset
+    assert not fused_train._quads_ok([0, 64], [6], 64, aligned)  # a 6-wide block
+    assert not fused_train._quads_ok([0], [12], 12 + 2, aligned)  # D=14
+    assert not fused_train._quads_ok([0], [64], 64, aligned[1:])  # a buffer 4 bytes off
+    monkeypatch.setattr(fused_train, "VECTOR_ATOMICS", False)
+    assert not fused_train._quads_ok([0], [64], 64, aligned)
+    monkeypatch.setattr(fused_train, "VECTOR_ATOMICS", True)
+    monkeypatch.setattr(fused_train, "_COMPILED", False)
+    assert not fused_train._quads_ok([0], [64], 64, aligned)
+
+
+@needs_triton
+def test_interpreted_kernels_launch_with_scalar_atomics(interpreted, monkeypatch):
+    """Under the interpreter every gradient launch gets VEC=0 even with the switch on (inline PTX
+    cannot run there), so the CPU tests keep checking the scalar path against the TBE path."""
+    assert fused_train.VECTOR_ATOMICS
+    seen = []
+    grad_kernel, mixed_grad_kernel, update_kernel = fused_train._kernels()
+    assert fused_train._COMPILED is False
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs.get("VEC"))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    with monkeypatch.context() as patch:  # undone before the fixture clears the kernels' cache
+        patch.setattr(fused_train, "_kernels", lambda: (Spy(grad_kernel), Spy(mixed_grad_kernel), update_kernel))
+        for features, methods in ((FEATURES, METHODS), (MD_FEATURES, MD_METHODS)):
+            fused, reference = twins(features, methods, TableOptimizer(lr=0.05))
+            train_both(fused, reference, batches([f.name for f in features], 8)[:1])
+    # DIM=24 and the tables' widths are multiples of 4: aligned, so only the interpreter says no.
+    assert len(seen) >= 4 and all(v is False for v in seen)
