@@ -469,13 +469,27 @@ def _kernels() -> tuple[Any, Any, Any]:
 _COMPILED = False  # set by _kernels(): whether they were built for the compiler (not the interpreter)
 
 
-def _quads_ok(offsets: list[int], widths: list[int], dim: int, grad: torch.Tensor) -> bool:
-    """Whether a group's gradient rows may take ``add_quads``: switched on, compiled kernels, and
-    every row and column range 16-byte aligned (element offsets and widths multiples of 4, the
-    buffer aligned)."""
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability; (9, 0) for a CPU tensor (only the sm_90 compile test
+    launches compiled kernels with CPU tensors: its launches are recorded, never run)."""
+    if device.type != "cuda":
+        return (9, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def _quads_ok(
+    offsets: list[int], widths: list[int], dim: int, grad: torch.Tensor, capability: tuple[int, int] | None = None
+) -> bool:
+    """Whether a group's gradient rows may take ``add_quads``: switched on, compiled kernels, a
+    GPU with the vector ``red`` (Hopper, sm_90, or newer: on an A100 ptxas rejects it), and every
+    row and column range 16-byte aligned (element offsets and widths multiples of 4, the buffer
+    aligned)."""
+    capability = capability or _capability(grad.device)
     return (
         VECTOR_ATOMICS
         and _COMPILED
+        and capability >= (9, 0)
         and dim % 4 == 0
         and grad.data_ptr() % 16 == 0
         and all(x % 4 == 0 for x in list(offsets) + list(widths))

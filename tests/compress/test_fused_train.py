@@ -359,6 +359,8 @@ def test_vector_atomics_only_where_every_row_is_aligned(monkeypatch):
     assert not fused_train._quads_ok([0, 64], [6], 64, aligned)  # a 6-wide block
     assert not fused_train._quads_ok([0], [12], 12 + 2, aligned)  # D=14
     assert not fused_train._quads_ok([0], [64], 64, aligned[1:])  # a buffer 4 bytes off
+    assert not fused_train._quads_ok([0], [64], 64, aligned, capability=(8, 0))  # an A100: no red.v4
+    assert fused_train._quads_ok([0], [64], 64, aligned, capability=(10, 0))
     monkeypatch.setattr(fused_train, "VECTOR_ATOMICS", False)
     assert not fused_train._quads_ok([0], [64], 64, aligned)
     monkeypatch.setattr(fused_train, "VECTOR_ATOMICS", True)
