@@ -40,6 +40,7 @@ import torch
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import CombineForm, FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .search import largest_fitting
 from .full import Full, batch_oov_rows, oov_rows
 
@@ -215,6 +216,11 @@ class CompositionalLayout(FeatureLayout):
         """``mixed_radix_digits`` of every id of every feature with ``k`` partitions at once,
         each id with its own feature's radices (plain ints where all features agree)."""
         comp = cast(Sequence[CompositionalLayout], layouts)
+        # On a CPU: the OOV map and every digit in one C pass (fused_ids.native_digits), the same
+        # integers as the torch ops below (k - 1 divisions, multiplies and subtractions, a cat).
+        native = fused_ids.native_digits(batch, [l.feature.num_embeddings for l in comp], [l.partitions for l in comp])
+        if native is not None:
+            return batch.split_slots(list(native.unbind(0)))
         ids = batch_oov_rows(layouts, batch)
         digits: list[torch.Tensor] = []
         if cls.chained_digits:

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from tablezip.compress import fused_ids
 from tablezip.embeddings.registry import FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
 
@@ -26,7 +27,13 @@ def oov_rows(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
 def batch_oov_rows(layouts: Sequence[FeatureLayout], batch: IdBatch) -> torch.Tensor:
     """``oov_rows`` of every id of the batch, each against its own feature's ``num_embeddings``:
     one compare-and-select over the ids of all features."""
-    n = batch.constant([layout.feature.num_embeddings for layout in layouts])
+    sizes = [layout.feature.num_embeddings for layout in layouts]
+    # On a CPU: one C pass (fused_ids.native_rows: PRUNED's maths with keep = n and the default
+    # row is exactly this map) instead of two compares, an and and a select over every id.
+    rows = fused_ids.native_rows(batch, fused_ids.PRUNED, c=sizes, d=sizes, default=True)
+    if rows is not None:
+        return rows
+    n = batch.constant(sizes)
     ids = batch.ids
     return torch.where((ids >= 0) & (ids < n), ids, n)
 

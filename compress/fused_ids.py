@@ -12,8 +12,9 @@ wrapping int64 maths with masked arithmetic shifts computes. The per-feature val
 hot counts, ...) come from a small [4, F] table indexed by the feature of each id, which the
 kernel finds from the features' start offsets, so no per-id constant tensor is built or read.
 
-When: only for ids on CUDA with Triton importable (``mode("auto")``); the torch path stays the
-reference and the CPU path. ``mode("off")`` forces the torch path (A/B benchmarks);
+When: for ids on CUDA with Triton importable (``mode("auto")``); on a CPU in "auto" the same
+maths runs in C (``tz_rows`` in embeddings/native.c, one pass over the ids; ``NATIVE_CPU``), where
+the compiled kernels could be built. The torch path stays the reference and the fallback. ``mode("off")`` forces the torch path (A/B benchmarks);
 ``mode("on")`` uses the kernel on any device, which on a CPU needs Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first kernel is built): that is how the CPU tests check
 the kernel against the torch path. Importing this module never imports Triton: the kernels are
@@ -39,6 +40,11 @@ _BLOCK = 1024
 
 _switch = KernelSwitch()
 mode = _switch.mode
+# True: on a CPU in mode "auto", ``rows`` runs the C pass (embeddings/native.c ``tz_rows``) instead
+# of the torch ops: ~10 passes over every id (splitmix64 alone is 7) become one. False: the torch
+# path (the "before" in benchmarks/NOTES.md). "on" on a CPU still runs the Triton kernel (under the
+# interpreter: how the CPU tests check it), "off" the torch path.
+NATIVE_CPU = True
 
 
 def current_mode() -> str:
@@ -145,6 +151,8 @@ def rows(
     another device). ``a``..``d`` are the per-feature values of ``method`` (see the kernel);
     ``mix`` is splitmix64's two multipliers as unsigned ints (hashing's constants)."""
     ids = batch.ids
+    if _native_wanted(ids):
+        return native_rows(batch, method, a, b, c, d, remaps, default, mix)
     if not enabled_for(ids) or ids.dim() != 1:
         return None
     count = len(batch.counts)
@@ -176,6 +184,94 @@ def rows(
         ids, out, n, starts, features, consts, base, offsets if offsets is not None else consts,
         MODE=method, REMAP=remaps is not None, DEFAULT=default, MIX1=mix[0], MIX2=mix[1], BLOCK=_BLOCK,
     )  # fmt: skip
+    return out
+
+
+def _native_wanted(ids: torch.Tensor) -> bool:
+    """Whether ``rows`` takes the C pass: switched on, mode "auto", 1-D int64 ids on a CPU, and the
+    compiled kernels available."""
+    if not NATIVE_CPU or _switch.value != "auto" or ids.device.type != "cpu" or ids.dim() != 1 or ids.dtype != torch.int64:
+        return False
+    from tablezip.embeddings import native
+
+    return native.library() is not None
+
+
+def native_rows(
+    batch: IdBatch,
+    method: int,
+    a: Sequence[int] | None = None,
+    b: Sequence[int] | None = None,
+    c: Sequence[int] | None = None,
+    d: Sequence[int] | None = None,
+    remaps: Sequence[torch.Tensor] | None = None,
+    default: bool = False,
+    mix: tuple[int, int] = (0, 0),
+) -> torch.Tensor | None:
+    """``rows`` by the C pass (the kernel's maths, feature by feature) for CPU ids; None where the
+    torch path must run (not wanted: see ``_native_wanted``; remaps the C pass cannot read: not
+    int32 CPU contiguous). Full's OOV map is PRUNED with ``c = d = num_embeddings`` and the
+    default row (ids in range keep their row, the others read row ``num_embeddings``)."""
+    import ctypes
+
+    from tablezip.embeddings import native
+
+    if not _native_wanted(batch.ids):
+        return None
+    lib = native.library()
+    assert lib is not None
+    ids = batch.ids.contiguous()
+    counts = [int(n) for n in batch.counts]
+    if sum(counts) != ids.numel():
+        return None
+    count = len(counts)
+    values = [list(v) if v is not None else [0] * count for v in (a, b, c, d)]
+    base = None
+    offsets = None
+    if remaps is not None:
+        if any(r.dtype != torch.int32 or r.device.type != "cpu" or not r.is_contiguous() for r in remaps):
+            return None
+        base = remaps[0]
+        offsets = batch.per_feature([(r.data_ptr() - base.data_ptr()) // 4 for r in remaps])
+    shared = all(len(set(v)) == 1 for v in values)
+    width = 1 if shared else count
+    consts = batch.per_feature([x for v in values for x in v[:width]])
+    out = torch.empty(ids.shape, dtype=torch.int64)
+    if ids.numel():
+        lib.tz_rows(
+            ids.data_ptr(), out.data_ptr(), (ctypes.c_int64 * max(1, count))(*counts), count, consts.data_ptr(), width,
+            native.ptr(base), native.ptr(offsets), method, int(remaps is not None), int(default), mix[0], mix[1],
+        )  # fmt: skip
+    return out
+
+
+def native_digits(batch: IdBatch, sizes: Sequence[int], partitions: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """QR / KWay's partition rows of CPU ids by the C pass (``tz_digits``): [k, N] int64, row j the
+    j-th mixed-radix digit of every OOV-mapped id (``sizes``: each feature's num_embeddings;
+    ``partitions``: each feature's k radices), the integers of compositional's torch path. None
+    where the torch path must run (see ``_native_wanted``)."""
+    import ctypes
+
+    from tablezip.embeddings import native
+
+    if not _native_wanted(batch.ids):
+        return None
+    lib = native.library()
+    assert lib is not None
+    ids = batch.ids.contiguous()
+    counts = [int(n) for n in batch.counts]
+    if sum(counts) != ids.numel() or len(counts) != len(sizes):
+        return None
+    k = len(partitions[0])
+    radices = batch.per_feature([int(p) for parts in partitions for p in parts])
+    limits = batch.per_feature([int(s) for s in sizes])
+    n = ids.numel()
+    out = torch.empty(k, n, dtype=torch.int64)
+    if n:
+        lib.tz_digits(
+            ids.data_ptr(), out.data_ptr(), n, (ctypes.c_int64 * max(1, len(counts)))(*counts), len(counts),
+            limits.data_ptr(), radices.data_ptr(), k,
+        )  # fmt: skip
     return out
 
 

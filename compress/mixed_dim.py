@@ -41,6 +41,7 @@ from torch import nn
 from tablezip.embeddings.features import FeatureSpec
 from tablezip.embeddings.registry import CombineForm, FeatureLayout, IdBatch, MethodConfig, TableSpec, register
 
+from . import fused_ids
 from .full import Full, batch_oov_rows, oov_rows
 from .search import largest_fitting
 
@@ -417,10 +418,19 @@ def _row_table_rows(layouts: Sequence["MixedDimLayout"], batch: IdBatch) -> torc
             starts.append(start + 1)
             start += n + 2
         table = torch.cat(parts).to(torch.int32)
-        cache = (key, table, starts, remaps)
+        # Each feature's entries from its id 0's, as Pruned's remap of n + 1 entries (the OOV one
+        # last): what the C pass reads (fused_ids.native_rows, PRUNED with these remaps).
+        views = [table[s : s + l.feature.num_embeddings + 1] for s, l in zip(starts, layouts)]
+        cache = (key, table, starts, remaps, views)
         layouts[0].__dict__["_row_table_cache"] = cache  # a cache, not module state
-    _, table, starts, _ = cache
-    n = batch.constant([l.feature.num_embeddings for l in layouts])
+    _, table, starts, _, views = cache
+    sizes = [l.feature.num_embeddings for l in layouts]
+    # On a CPU: one C pass (ids outside [0, n) read the last entry, the OOV one, as the clamp below
+    # points them at it) instead of a clamp, an add, a gather and a widening copy.
+    rows = fused_ids.native_rows(batch, fused_ids.PRUNED, d=sizes, remaps=views)
+    if rows is not None:
+        return rows
+    n = batch.constant(sizes)
     ids = batch.ids
     if isinstance(n, int):
         index = ids.clamp(-1, n)

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # feature flags, so a cache shared by different CPUs never loads code built for another.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
-VERSION = 2  # tz_native_version() of the source this module declares
+VERSION = 4  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()
@@ -122,6 +122,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tz_native_version.argtypes = []
     lib.tz_compact_unit_bags.restype = _i64
     lib.tz_compact_unit_bags.argtypes = [_i64p, _i64, _i64p, _i64, _i64p, _i64p]
+    lib.tz_rows.restype = None
+    lib.tz_rows.argtypes = [
+        _i64p, _i64p, _i64p, _i64, _i64p, _i64, ctypes.c_void_p, _i64p, _i64, _i64, _i64, ctypes.c_uint64, ctypes.c_uint64,
+    ]
+    lib.tz_digits.restype = None
+    lib.tz_digits.argtypes = [_i64p, _i64p, _i64, _i64p, _i64, _i64p, _i64p, _i64]
     lib.tz_assemble_forward.restype = _int
     lib.tz_assemble_forward.argtypes = [
         _f32p, _i64, _f32p, _i64, _i64, _i64, _i64p, _i64, _f32p, _f32p, _i64, _int,

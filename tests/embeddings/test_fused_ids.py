@@ -51,10 +51,23 @@ def count_launches(monkeypatch) -> list[str]:
     return launched
 
 
-def assert_fused_rows_equal(coll: CompressedEmbeddingBagCollection, ids: list[torch.Tensor]) -> None:
+@pytest.fixture
+def compiled(monkeypatch):
+    """The C pass of ``rows`` (mode "auto" on CPU ids), or skip where no compiler built it."""
+    from tablezip.embeddings import native
+
+    if native.library() is None:
+        pytest.skip("the compiled CPU kernels are unavailable (no C compiler)")
+    monkeypatch.setattr(fused_ids, "NATIVE_CPU", True)
+    assert fused_ids.current_mode() == "auto"
+
+
+def assert_fused_rows_equal(coll: CompressedEmbeddingBagCollection, ids: list[torch.Tensor], path: str = "on") -> None:
+    """The rows of ``path`` ("on": the Triton kernel; "auto" on CPU ids: the C pass) equal the
+    torch path's and the per-feature transforms', bit for bit."""
     with fused_ids.mode("off"):
         reference = per_feature_rows(coll, ids, batched=True)
-    with fused_ids.mode("on"):
+    with fused_ids.mode(path):
         fused = per_feature_rows(coll, ids, batched=True)
     per_feature = per_feature_rows(coll, ids, batched=False)
     for name, ref, got, old in zip(coll.feature_names, reference, fused, per_feature):
@@ -65,12 +78,16 @@ def assert_fused_rows_equal(coll: CompressedEmbeddingBagCollection, ids: list[to
 
 
 # -- without Triton too ------------------------------------------------------------------
-def test_auto_mode_keeps_cpu_ids_on_the_torch_path():
+def test_auto_mode_keeps_cpu_ids_off_the_triton_kernels(monkeypatch):
+    """CPU ids in "auto": never the Triton kernels; the C pass where ``NATIVE_CPU`` (and a
+    compiler), else None (the torch path); "off" is always the torch path."""
     ids = torch.arange(10)
     assert fused_ids.current_mode() == "auto"
     assert not fused_ids.enabled_for(ids)
     with fused_ids.mode("off"):
         assert not fused_ids.enabled_for(ids)
+        assert fused_ids.rows(IdBatch([ids]), fused_ids.HASH, a=[7], b=[0]) is None
+    monkeypatch.setattr(fused_ids, "NATIVE_CPU", False)
     batch = IdBatch([ids])
     assert fused_ids.rows(batch, fused_ids.HASH, a=[7], b=[0]) is None
     rows, weights = fused_ids.zero_weight_drops(torch.tensor([3, -1, 0, -1, 9]))
@@ -215,3 +232,154 @@ def test_collection_forward_and_steps_with_fused_transforms(interpreted, by_weig
     with fused_ids.mode("off"):
         expected = reference(one_id).values()
     assert torch.equal(fused(one_id).values(), expected)
+
+
+# -- the C pass (mode "auto" on CPU ids; embeddings/native.c tz_rows) ----------------------
+@pytest.mark.parametrize(
+    "kind, launch", [("hash", "hash"), ("hybrid", "hybrid"), ("pruned", "pruned"), ("multihash", "hash"), ("unified", "hash")]
+)
+def test_c_rows_of_conformance_collections_equal_the_torch_rows(kind, launch, compiled, monkeypatch):
+    launched = count_launches(monkeypatch)
+    coll = build(kind)
+    for seed, counts in enumerate([(40, 300, 17), (0, 5, 0), (1, 1, 1), (0, 0, 0)]):
+        ids = [random_ids(c, f.num_embeddings, seed)[:c] if c else torch.zeros(0, dtype=torch.int64) for c, f in zip(counts, coll.features)]
+        assert_fused_rows_equal(coll, ids, path="auto")
+    assert launch in launched
+
+
+def test_c_rows_of_the_mixed_collection_equal_the_torch_rows(compiled, monkeypatch):
+    """Every Hash/Hybrid/Pruned config: remaps and prefixes, default and zero, per-feature and
+    shared values (the C pass's one-column constant table), ids out of range both ways."""
+    launched = count_launches(monkeypatch)
+    coll = mixed_collection()
+    g = torch.Generator().manual_seed(0)
+    for seed in range(4):
+        counts = torch.randint(0, 40, (len(coll.features),), generator=g).tolist()
+        ids = [random_ids(c, f.num_embeddings, seed + 10 * i)[:c] for i, (c, f) in enumerate(zip(counts, coll.features))]
+        assert_fused_rows_equal(coll, ids, path="auto")
+    assert {"hash", "hybrid", "pruned"} <= set(launched)
+
+
+def test_c_hash_over_extreme_ids_seeds_and_row_counts(compiled):
+    seeds = [0, 1, 2**63 - 1, 12345]
+    rows = [1, 3, 2**31 + 11, 2**62]
+    per_feature = [random_ids(700, 10**6, s) for s in range(4)]
+    per_feature[0][:4] = torch.tensor([-(2**63), 2**63 - 1, -1, 0])
+    batch = IdBatch(per_feature)
+    fused = fused_ids.rows(batch, fused_ids.HASH, a=rows, b=[seed_mix(s) for s in seeds], mix=fused_ids_mix())
+    assert fused is not None
+    expected = torch.cat([hash_ids(ids, r, s) for ids, r, s in zip(per_feature, rows, seeds)])
+    assert torch.equal(fused, expected)
+    shared = fused_ids.rows(IdBatch(per_feature), fused_ids.HASH, a=[999] * 4, b=[seed_mix(7)] * 4, mix=fused_ids_mix())
+    assert torch.equal(shared, hash_ids(torch.cat(per_feature), 999, 7))
+
+
+def test_c_rows_read_views_and_refuse_remaps_they_cannot_read(compiled):
+    """Ids that start mid-storage (a view, read in place); a remap that is not int32 makes the
+    C pass decline (None: the torch path runs), never misread it."""
+    values = random_ids(3000, 5000, 9)
+    parts = torch.split(values[7:], [1500, 1, values.numel() - 7 - 1501])
+    batch = IdBatch(list(parts))
+    fused = fused_ids.rows(batch, fused_ids.HASH, a=[300, 17, 4096], b=[1, 2, 3], mix=fused_ids_mix())
+    assert torch.equal(fused, hash_rows(batch.ids, batch.constant([300, 17, 4096]), batch.constant([1, 2, 3])))
+    # A remap has n + 1 entries: ids out of [0, n) read the last (the OOV entry).
+    remap = torch.tensor([5, 4, 3, 2, 1, 0, -1, -1, 7, 8, -1])
+    ids = IdBatch([torch.tensor([-1, 3, 9, 10, 11, 6])])
+    assert fused_ids.rows(ids, fused_ids.PRUNED, c=[4], d=[10], remaps=[remap]) is None  # int64: declined
+    rows = fused_ids.rows(ids, fused_ids.PRUNED, c=[4], d=[10], remaps=[remap.to(torch.int32)])
+    assert torch.equal(rows, torch.tensor([-1, 2, 8, -1, -1, -1]))
+    # With the default row (c = keep = 4): every -1 reads row 4.
+    rows = fused_ids.rows(ids, fused_ids.PRUNED, c=[4], d=[10], remaps=[remap.to(torch.int32)], default=True)
+    assert torch.equal(rows, torch.tensor([4, 2, 8, 4, 4, 4]))
+
+
+def test_collection_trains_the_same_with_the_c_rows(compiled, monkeypatch):
+    """A whole collection (Hash, Hybrid, Pruned zero and default, Full) on the C rows and on the
+    torch path: same outputs and tables, bit for bit, after training steps."""
+    import copy
+
+    launched = count_launches(monkeypatch)
+
+    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([300, 5000, 40, 1000, 77, 2000])]
+    methods = {
+        "f0": Hash(rows=50, seed=3), "f1": Hybrid(hot=100, cold_rows=60, seed=1), "f2": Pruned(keep=7),
+        "f3": Pruned(keep=90, remap=False), "f4": Full(), "f5": Hybrid(hot=30, cold_rows=5, remap=True),
+    }  # fmt: skip
+    fused = CompressedEmbeddingBagCollection(features, 8, methods, seed=2)
+    reference = copy.deepcopy(fused)
+    names = fused.feature_names
+    for seed in range(2):
+        kjt = random_kjt(names, 16, 5000, seed, max_len=3)
+        outs = []
+        for model, m in ((reference, "off"), (fused, "auto")):
+            with fused_ids.mode(m):
+                out = model(kjt).values()
+                out.pow(2).sum().backward()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(reference.table_weights(), fused.table_weights()):
+            assert torch.equal(a, b)
+    assert {"hash", "hybrid", "pruned"} <= set(launched)  # the C pass ran for every kind
+
+
+def test_full_oov_map_by_the_c_pass_equals_the_torch_map(compiled, monkeypatch):
+    """Full's batched OOV map runs the C pass on CPU ids (PRUNED's maths with keep = n and the
+    default row): equal to the torch compare-and-select, ids out of range both ways included."""
+    from tablezip.compress.full import FullLayout, batch_oov_rows
+
+    sizes = [1, 40, 2**40, 7]
+    layouts = [FullLayout(FeatureSpec(f"f{i}", n), 4, Full()) for i, n in enumerate(sizes)]
+    per_feature = [random_ids(300, n + 5, i) for i, n in enumerate(sizes)]
+    per_feature[2][:3] = torch.tensor([-(2**63), 2**63 - 1, 2**40])
+    batch = IdBatch(per_feature)
+    launched = count_launches(monkeypatch)
+    rows = batch_oov_rows(layouts, batch)
+    assert launched == [] and rows.dtype == torch.int64  # native_rows, not fused_ids.rows
+    expected = torch.cat([torch.where((i >= 0) & (i < n), i, n) for i, n in zip(per_feature, sizes)])
+    assert torch.equal(rows, expected)
+    monkeypatch.setattr(fused_ids, "NATIVE_CPU", False)
+    assert torch.equal(batch_oov_rows(layouts, batch), expected)
+
+
+def count_native(monkeypatch) -> list[str]:
+    """Record every C pass that returned rows: "rows" (native_rows) or "digits" (native_digits)."""
+    launched: list[str] = []
+    for name in ("native_rows", "native_digits"):
+        real = getattr(fused_ids, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            if out is not None:
+                launched.append(_name.split("_")[1])
+            return out
+
+        monkeypatch.setattr(fused_ids, name, spy)
+    return launched
+
+
+@pytest.mark.parametrize("kind, launch", [("qr", "digits"), ("kway", "digits"), ("mixed_dim", "rows"), ("full", "rows")])
+def test_c_digits_and_row_tables_equal_the_torch_rows(kind, launch, compiled, monkeypatch):
+    """QR / KWay (2 and 3 partitions: the mixed-radix digits), MixedDim with a remap (its row
+    table read as Pruned remaps) and Full (the OOV map) by the C passes: the torch path's rows."""
+    launched = count_native(monkeypatch)
+    coll = build(kind)
+    for seed, counts in enumerate([(40, 300, 17), (0, 5, 0), (1, 1, 1), (0, 0, 0)]):
+        ids = [random_ids(c, f.num_embeddings, seed)[:c] if c else torch.zeros(0, dtype=torch.int64) for c, f in zip(counts, coll.features)]
+        assert_fused_rows_equal(coll, ids, path="auto")
+    assert launch in launched
+
+
+def test_c_digits_of_extreme_ids_and_radices(compiled):
+    """Ids at the int64 extremes and out of range (the OOV id), radices from 1 up: digits equal
+    compositional's mixed_radix_digits of the OOV-mapped ids."""
+    from tablezip.compress.compositional import mixed_radix_digits
+    from tablezip.compress.full import oov_rows
+
+    sizes = [10**12, 5, 999]
+    partitions = [(1000, 7, 1), (3, 2, 2), (1, 1, 1000)]
+    per_feature = [random_ids(200, n + 3, i) for i, n in enumerate(sizes)]
+    out = fused_ids.native_digits(IdBatch(per_feature), sizes, partitions)
+    assert out is not None and out.shape == (3, sum(p.numel() for p in per_feature))
+    expected = [mixed_radix_digits(oov_rows(ids, n), parts) for ids, n, parts in zip(per_feature, sizes, partitions)]
+    for j in range(3):
+        assert torch.equal(out[j], torch.cat([e[j] for e in expected])), j
