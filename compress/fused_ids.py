@@ -150,9 +150,9 @@ def rows(
     (not enabled for these ids, or remaps the kernel cannot read: not int32, not contiguous, on
     another device). ``a``..``d`` are the per-feature values of ``method`` (see the kernel);
     ``mix`` is splitmix64's two multipliers as unsigned ints (hashing's constants)."""
-    ids = batch.ids
-    if _native_wanted(ids):
+    if _native_wanted(batch):
         return native_rows(batch, method, a, b, c, d, remaps, default, mix)
+    ids = batch.ids
     if not enabled_for(ids) or ids.dim() != 1:
         return None
     count = len(batch.counts)
@@ -187,14 +187,34 @@ def rows(
     return out
 
 
-def _native_wanted(ids: torch.Tensor) -> bool:
+def _native_wanted(batch: IdBatch) -> bool:
     """Whether ``rows`` takes the C pass: switched on, mode "auto", 1-D int64 ids on a CPU, and the
-    compiled kernels available."""
-    if not NATIVE_CPU or _switch.value != "auto" or ids.device.type != "cpu" or ids.dim() != 1 or ids.dtype != torch.int64:
+    compiled kernels available. Reads the features' own id tensors: ``batch.ids`` would join them
+    (a copy) where the C pass reads them in place."""
+    if not NATIVE_CPU or _switch.value != "auto" or batch.device.type != "cpu":
+        return False
+    if any(t.dtype != torch.int64 or t.dim() != 1 for t in batch.per_feature_ids):
         return False
     from tablezip.embeddings import native
 
     return native.library() is not None
+
+
+def _id_pointers(batch: IdBatch) -> tuple[Any, list[int], Any]:
+    """(a C array of each feature's first id, the counts, what keeps the memory alive): the
+    features' own tensors where each is contiguous (no join), else pointers into ``batch.ids``."""
+    import ctypes
+
+    parts = batch.per_feature_ids
+    counts = [int(t.numel()) for t in parts]
+    if all(t.numel() <= 1 or t.stride(0) == 1 for t in parts):
+        return (ctypes.c_void_p * max(1, len(parts)))(*[t.data_ptr() for t in parts]), counts, parts
+    ids = batch.ids.contiguous()
+    starts, at = [], ids.data_ptr()
+    for n in counts:
+        starts.append(at)
+        at += 8 * n
+    return (ctypes.c_void_p * max(1, len(parts)))(*starts), counts, ids
 
 
 def native_rows(
@@ -216,14 +236,12 @@ def native_rows(
 
     from tablezip.embeddings import native
 
-    if not _native_wanted(batch.ids):
+    if not _native_wanted(batch):
         return None
     lib = native.library()
     assert lib is not None
-    ids = batch.ids.contiguous()
-    counts = [int(n) for n in batch.counts]
-    if sum(counts) != ids.numel():
-        return None
+    pointers, counts, _keep = _id_pointers(batch)
+    total = sum(counts)
     count = len(counts)
     values = [list(v) if v is not None else [0] * count for v in (a, b, c, d)]
     base = None
@@ -236,10 +254,10 @@ def native_rows(
     shared = all(len(set(v)) == 1 for v in values)
     width = 1 if shared else count
     consts = batch.per_feature([x for v in values for x in v[:width]])
-    out = torch.empty(ids.shape, dtype=torch.int64)
-    if ids.numel():
+    out = torch.empty(total, dtype=torch.int64)
+    if total:
         lib.tz_rows(
-            ids.data_ptr(), out.data_ptr(), (ctypes.c_int64 * max(1, count))(*counts), count, consts.data_ptr(), width,
+            pointers, out.data_ptr(), (ctypes.c_int64 * max(1, count))(*counts), count, consts.data_ptr(), width,
             native.ptr(base), native.ptr(offsets), method, int(remaps is not None), int(default), mix[0], mix[1],
         )  # fmt: skip
     return out
@@ -254,22 +272,19 @@ def native_digits(batch: IdBatch, sizes: Sequence[int], partitions: Sequence[Seq
 
     from tablezip.embeddings import native
 
-    if not _native_wanted(batch.ids):
+    if not _native_wanted(batch) or len(batch.counts) != len(sizes):
         return None
     lib = native.library()
     assert lib is not None
-    ids = batch.ids.contiguous()
-    counts = [int(n) for n in batch.counts]
-    if sum(counts) != ids.numel() or len(counts) != len(sizes):
-        return None
+    pointers, counts, _keep = _id_pointers(batch)
     k = len(partitions[0])
     radices = batch.per_feature([int(p) for parts in partitions for p in parts])
     limits = batch.per_feature([int(s) for s in sizes])
-    n = ids.numel()
+    n = sum(counts)
     out = torch.empty(k, n, dtype=torch.int64)
     if n:
         lib.tz_digits(
-            ids.data_ptr(), out.data_ptr(), n, (ctypes.c_int64 * max(1, len(counts)))(*counts), len(counts),
+            pointers, out.data_ptr(), n, (ctypes.c_int64 * max(1, len(counts)))(*counts), len(counts),
             limits.data_ptr(), radices.data_ptr(), k,
         )  # fmt: skip
     return out

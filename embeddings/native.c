@@ -372,7 +372,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_native_version(void) { return 4; }
+int64_t tz_native_version(void) { return 5; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -437,25 +437,27 @@ int64_t tz_compact_unit_bags(const int64_t *ids, int64_t n, const int64_t *keep_
     return kept;
 }
 
-/* The rows of a group of ids, feature by feature (`counts[f]` ids each, in order), exactly as
+/* The rows of a group of ids, feature by feature (`counts[f]` ids each, read from feature_ids[f]:
+ * the features' own tensors, not joined first; written to out in feature order), exactly as
  * compress/fused_ids.py's rows_kernel and the torch paths compute them (integer maths: equal bit
  * for bit). consts: a [4, nconst] table of per-feature values, nconst = 1 when every feature
  * shares them (see the kernel): HASH (rows, mixed seed), HYBRID (cold rows, mixed seed, hot count,
  * remap size), PRUNED (-, -, keep, num_embeddings). remap_offsets[f]: element offset of feature
  * f's int32 remap from `remap` (when has_remap). Why C: the torch path is ~10 elementwise passes
  * over every id (splitmix64 is 7 of them), each with its dispatch and a fresh int64 buffer. */
-void tz_rows(const int64_t *ids, int64_t *out, const int64_t *counts, int64_t nfeatures, const int64_t *consts,
-             int64_t nconst, const int32_t *remap, const int64_t *remap_offsets, int64_t mode, int64_t has_remap,
-             int64_t dflt, uint64_t mix1, uint64_t mix2) {
+void tz_rows(const int64_t *const *feature_ids, int64_t *out, const int64_t *counts, int64_t nfeatures,
+             const int64_t *consts, int64_t nconst, const int32_t *remap, const int64_t *remap_offsets, int64_t mode,
+             int64_t has_remap, int64_t dflt, uint64_t mix1, uint64_t mix2) {
     int64_t at = 0;
     for (int64_t f = 0; f < nfeatures; f++) {
+        const int64_t *src = feature_ids[f]; /* feature f's own ids: src[i - at] for i in [at, end) */
         const int64_t k = nconst == 1 ? 0 : f;
         const int64_t a = consts[k], b = consts[nconst + k], c = consts[2 * nconst + k], d = consts[3 * nconst + k];
         const int32_t *map = has_remap ? remap + remap_offsets[f] : NULL;
         const int64_t end = at + counts[f];
         if (mode == 2) { /* PRUNED: OOV map to [0, d], then the remap or the kept prefix */
             for (int64_t i = at; i < end; i++) {
-                const int64_t id = ids[i];
+                const int64_t id = src[i - at];
                 const int64_t oov = (id >= 0 && id < d) ? id : d;
                 int64_t row;
                 if (map) {
@@ -469,7 +471,7 @@ void tz_rows(const int64_t *ids, int64_t *out, const int64_t *counts, int64_t nf
         } else {
             const uint64_t rows = (uint64_t)a;
             for (int64_t i = at; i < end; i++) {
-                const int64_t id = ids[i];
+                const int64_t id = src[i - at];
                 /* splitmix64's finaliser of id ^ mixed seed on uint64; the top 63 bits modulo rows */
                 uint64_t z = (uint64_t)(id ^ b);
                 z = (z ^ (z >> 30)) * mix1;
@@ -497,13 +499,14 @@ void tz_rows(const int64_t *ids, int64_t *out, const int64_t *counts, int64_t nf
  * sizes[f]), feature by feature, with feature f's radices parts[f * k .. f * k + k - 1]: digit j
  * (j > 0) is q % parts[j] of q = id // (parts[j + 1] * ... * parts[k - 1]), digit 0 the rest of the
  * quotient (compress/compositional.py's transform_batch, the same integers). out: k rows of n. */
-void tz_digits(const int64_t *ids, int64_t *out, int64_t n, const int64_t *counts, int64_t nfeatures,
+void tz_digits(const int64_t *const *feature_ids, int64_t *out, int64_t n, const int64_t *counts, int64_t nfeatures,
                const int64_t *sizes, const int64_t *parts, int64_t k) {
     int64_t at = 0;
     for (int64_t f = 0; f < nfeatures; f++) {
+        const int64_t *src = feature_ids[f];
         const int64_t size = sizes[f], *p = parts + f * k, end = at + counts[f];
         for (int64_t i = at; i < end; i++) {
-            const int64_t id = ids[i];
+            const int64_t id = src[i - at];
             int64_t q = (id >= 0 && id < size) ? id : size;
             for (int64_t j = k - 1; j > 0; j--) {
                 const int64_t higher = q / p[j];

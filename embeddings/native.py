@@ -37,7 +37,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # feature flags, so a cache shared by different CPUs never loads code built for another.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
-VERSION = 4  # tz_native_version() of the source this module declares
+VERSION = 5  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()

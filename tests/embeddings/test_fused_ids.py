@@ -383,3 +383,23 @@ def test_c_digits_of_extreme_ids_and_radices(compiled):
     expected = [mixed_radix_digits(oov_rows(ids, n), parts) for ids, n, parts in zip(per_feature, sizes, partitions)]
     for j in range(3):
         assert torch.equal(out[j], torch.cat([e[j] for e in expected])), j
+
+
+def test_c_pass_reads_each_features_ids_in_place_or_joins_strided_ones(compiled):
+    """Features' ids from separate tensors are read where they lie (``batch.ids`` is never
+    joined); a strided one makes the C pass read the joined copy instead. Same rows either way."""
+    separate = [random_ids(50, 300, 1), random_ids(0, 10, 2)[:0], random_ids(70, 9000, 3)]
+    batch = IdBatch(separate)
+    rows = fused_ids.rows(batch, fused_ids.HASH, a=[11, 13, 17], b=[seed_mix(s) for s in (1, 2, 3)], mix=fused_ids_mix())
+    assert batch._ids is None  # not joined
+    expected = torch.cat([hash_ids(i, r, s) for i, r, s in zip(separate, [11, 13, 17], [1, 2, 3])])
+    assert torch.equal(rows, expected)
+    strided = [random_ids(200, 300, 4)[::2], separate[2]]
+    batch = IdBatch(strided)
+    digits = fused_ids.native_digits(batch, [300, 9000], [(20, 16), (100, 91)])
+    from tablezip.compress.compositional import mixed_radix_digits
+    from tablezip.compress.full import oov_rows
+
+    for j in range(2):
+        want = torch.cat([mixed_radix_digits(oov_rows(i, n), p)[j] for i, n, p in zip(strided, [300, 9000], [(20, 16), (100, 91)])])
+        assert torch.equal(digits[j], want)
