@@ -215,9 +215,7 @@ class AssemblePlan:
         out: list[torch.Tensor] = []
         for op in self.ops:
             if op.kind == "project":
-                form = self.layouts[op.feature].combine_form()
-                assert form is not None
-                out.extend(w for w in form.weights if w is not None)
+                out.extend(self.layouts[op.feature].projection_weights())
         return out
 
     def __call__(self, pooled: torch.Tensor, batch: int, lengths: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,12 @@ class FeatureLayout(nn.Module):
             return CombineForm("identity")
         return None
 
+    def projection_weights(self) -> list[torch.Tensor]:
+        """The weights of ``combine_form()`` (none for most forms), read by the fused assemble on
+        every forward; a layout with weights may answer faster than building its form."""
+        form = self.combine_form()
+        return [] if form is None else [w for w in form.weights if w is not None]
+
     @property
     def is_passthrough(self) -> bool:
         """True when the TBE output for this feature already is its vector (fast path)."""

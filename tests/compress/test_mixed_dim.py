@@ -763,3 +763,15 @@ def test_unit_drops_leave_rows_of_layouts_that_never_drop_to_fbgemm_check(monkey
     monkeypatch.setattr(FullLayout, "transform_batch", classmethod(minus_one))
     with pytest.raises(RuntimeError, match="out of bounds"):
         coll(kjt)
+
+
+def test_projection_weights_are_the_combine_forms_weights_in_block_order():
+    """The fused assemble reads ``projection_weights`` each forward instead of building the
+    form: the same Parameter objects, D-wide blocks skipped, also after a projection is replaced."""
+    feature = FeatureSpec("f", 1000)
+    layout = CompressedEmbeddingBagCollection([feature], 16, {"f": MixedDim(dims=(16, 8, 4), sizes=(100, 300, 600))}).layouts["f"]
+    form = [w for w in layout.combine_form().weights if w is not None]
+    assert len(form) == 2 and all(a is b for a, b in zip(layout.projection_weights(), form))
+    layout.projections["2"] = torch.nn.Parameter(torch.zeros(4, 16))
+    assert layout.projection_weights()[1] is layout.projections["2"]
+    assert [w.shape for w in layout.projection_weights()] == [torch.Size([8, 16]), torch.Size([4, 16])]
