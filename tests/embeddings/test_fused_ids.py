@@ -62,6 +62,20 @@ def compiled(monkeypatch):
     assert fused_ids.current_mode() == "auto"
 
 
+@pytest.fixture(params=["triton", "c"])
+def path(request) -> str:
+    """Which fused rows a test checks, as the ``fused_ids.mode`` that selects them: "on", the
+    Triton kernel (in its CPU interpreter; skipped without Triton), or "auto", the C pass on CPU
+    ids (skipped without a C compiler). Either is held to the torch path, bit for bit."""
+    if request.param == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed (CI: the torch path only)")
+        request.getfixturevalue("interpreted")
+        return "on"
+    request.getfixturevalue("compiled")
+    return "auto"
+
+
 def assert_fused_rows_equal(coll: CompressedEmbeddingBagCollection, ids: list[torch.Tensor], path: str = "on") -> None:
     """The rows of ``path`` ("on": the Triton kernel; "auto" on CPU ids: the C pass) equal the
     torch path's and the per-feature transforms', bit for bit."""
@@ -126,36 +140,34 @@ def test_per_feature_tables_are_cached_and_starts_follow_the_counts():
 
 
 # -- the kernels (Triton's interpreter on a CPU) -----------------------------------------
-@needs_triton
 @pytest.mark.parametrize(
     "kind, launch", [("hash", "hash"), ("hybrid", "hybrid"), ("pruned", "pruned"), ("multihash", "hash"), ("unified", "hash")]
 )
-def test_conformance_collections_fused_rows_equal_the_torch_rows(kind, launch, interpreted, monkeypatch):
+def test_conformance_collections_fused_rows_equal_the_torch_rows(kind, launch, path, monkeypatch):
     """MultiHash (one Hash launch per probe) and Unified (per chunk) use the Hash kernel too."""
     launched = count_launches(monkeypatch)
     coll = build(kind)
     for seed, counts in enumerate([(40, 300, 17), (0, 5, 0), (1, 1, 1), (0, 0, 0)]):
         ids = [random_ids(c, f.num_embeddings, seed)[:c] if c else torch.zeros(0, dtype=torch.int64) for c, f in zip(counts, coll.features)]
-        assert_fused_rows_equal(coll, ids)
+        assert_fused_rows_equal(coll, ids, path)
     assert launch in launched
 
 
-@needs_triton
-def test_mixed_collection_fused_rows_equal_the_torch_rows(interpreted, monkeypatch):
+def test_mixed_collection_fused_rows_equal_the_torch_rows(path, monkeypatch):
     """Every Hash/Hybrid/Pruned config of the interleaved collection: remaps and prefixes,
-    default and zero, per-feature rows and seeds (the feature search in the kernel)."""
+    default and zero, per-feature rows and seeds (the feature search in the kernel; the C pass's
+    per-feature constants)."""
     launched = count_launches(monkeypatch)
     coll = mixed_collection()
     g = torch.Generator().manual_seed(0)
     for seed in range(3):
         counts = torch.randint(0, 40, (len(coll.features),), generator=g).tolist()
         ids = [random_ids(c, f.num_embeddings, seed + 10 * i)[:c] for i, (c, f) in enumerate(zip(counts, coll.features))]
-        assert_fused_rows_equal(coll, ids)
+        assert_fused_rows_equal(coll, ids, path)
     assert {"hash", "hybrid", "pruned"} <= set(launched)
 
 
-@needs_triton
-def test_hash_kernel_over_extreme_ids_seeds_and_row_counts(interpreted):
+def test_hash_kernel_over_extreme_ids_seeds_and_row_counts(path):
     """Ids at the int64 extremes, seeds up to 2**63 - 1, row counts from 1 to 2**62: the uint64
     maths in the kernel equals hash_ids (out-of-place reference) and hash_rows (in place)."""
     seeds = [0, 1, 2**63 - 1, 12345]
@@ -178,8 +190,7 @@ def fused_ids_mix() -> tuple[int, int]:
     return MIX
 
 
-@needs_triton
-def test_kernel_crosses_blocks_and_reads_unaligned_views(interpreted):
+def test_kernel_crosses_blocks_and_reads_unaligned_views(path):
     """More ids than one block, and ids that start mid-storage (a group after other features)."""
     values = random_ids(3000, 5000, 9)
     parts = torch.split(values[7:], [1500, 1, values.numel() - 7 - 1501])
@@ -201,13 +212,14 @@ def test_zero_weight_drops_kernel(interpreted):
     assert fused[1].dtype == torch.float32
 
 
-@needs_triton
 @pytest.mark.parametrize("by_weight", [False, True])
-def test_collection_forward_and_steps_with_fused_transforms(interpreted, by_weight):
-    """Whole collection (Hash, Hybrid, Pruned zero and default, Full): the fused kernels and the
-    torch path train to the same tables; with drops by weight as on CUDA, and without."""
+def test_collection_forward_and_steps_with_fused_transforms(path, by_weight, monkeypatch):
+    """Whole collection (Hash, Hybrid, Pruned zero and default, Full): the fused rows and the
+    torch path train to the same tables, bit for bit; with drops by weight as on CUDA, and
+    without."""
     import copy
 
+    launched = count_launches(monkeypatch)
     features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([300, 5000, 40, 1000, 77, 2000])]
     methods = {
         "f0": Hash(rows=50, seed=3), "f1": Hybrid(hot=100, cold_rows=60, seed=1), "f2": Pruned(keep=7),
@@ -220,7 +232,7 @@ def test_collection_forward_and_steps_with_fused_transforms(interpreted, by_weig
     for seed in range(2):
         kjt = random_kjt(names, 16, 5000, seed, max_len=3)
         outs = []
-        for model, m in ((reference, "off"), (fused, "on")):
+        for model, m in ((reference, "off"), (fused, path)):
             with fused_ids.mode(m):
                 out = model(kjt).values()
                 out.pow(2).sum().backward()
@@ -228,60 +240,17 @@ def test_collection_forward_and_steps_with_fused_transforms(interpreted, by_weig
         assert torch.equal(outs[0], outs[1])
         for a, b in zip(reference.table_weights(), fused.table_weights()):
             assert torch.equal(a, b)
+    assert {"hash", "hybrid", "pruned"} <= set(launched)  # the fused rows ran for every kind
     one_id = KeyedJaggedTensor(keys=names, values=torch.arange(6 * 4) * 211 - 3, lengths=torch.ones(24, dtype=torch.long))
     with fused_ids.mode("off"):
         expected = reference(one_id).values()
-    assert torch.equal(fused(one_id).values(), expected)
+    with fused_ids.mode(path):
+        assert torch.equal(fused(one_id).values(), expected)
 
 
-# -- the C pass (mode "auto" on CPU ids; embeddings/native.c tz_rows) ----------------------
-@pytest.mark.parametrize(
-    "kind, launch", [("hash", "hash"), ("hybrid", "hybrid"), ("pruned", "pruned"), ("multihash", "hash"), ("unified", "hash")]
-)
-def test_c_rows_of_conformance_collections_equal_the_torch_rows(kind, launch, compiled, monkeypatch):
-    launched = count_launches(monkeypatch)
-    coll = build(kind)
-    for seed, counts in enumerate([(40, 300, 17), (0, 5, 0), (1, 1, 1), (0, 0, 0)]):
-        ids = [random_ids(c, f.num_embeddings, seed)[:c] if c else torch.zeros(0, dtype=torch.int64) for c, f in zip(counts, coll.features)]
-        assert_fused_rows_equal(coll, ids, path="auto")
-    assert launch in launched
-
-
-def test_c_rows_of_the_mixed_collection_equal_the_torch_rows(compiled, monkeypatch):
-    """Every Hash/Hybrid/Pruned config: remaps and prefixes, default and zero, per-feature and
-    shared values (the C pass's one-column constant table), ids out of range both ways."""
-    launched = count_launches(monkeypatch)
-    coll = mixed_collection()
-    g = torch.Generator().manual_seed(0)
-    for seed in range(4):
-        counts = torch.randint(0, 40, (len(coll.features),), generator=g).tolist()
-        ids = [random_ids(c, f.num_embeddings, seed + 10 * i)[:c] for i, (c, f) in enumerate(zip(counts, coll.features))]
-        assert_fused_rows_equal(coll, ids, path="auto")
-    assert {"hash", "hybrid", "pruned"} <= set(launched)
-
-
-def test_c_hash_over_extreme_ids_seeds_and_row_counts(compiled):
-    seeds = [0, 1, 2**63 - 1, 12345]
-    rows = [1, 3, 2**31 + 11, 2**62]
-    per_feature = [random_ids(700, 10**6, s) for s in range(4)]
-    per_feature[0][:4] = torch.tensor([-(2**63), 2**63 - 1, -1, 0])
-    batch = IdBatch(per_feature)
-    fused = fused_ids.rows(batch, fused_ids.HASH, a=rows, b=[seed_mix(s) for s in seeds], mix=fused_ids_mix())
-    assert fused is not None
-    expected = torch.cat([hash_ids(ids, r, s) for ids, r, s in zip(per_feature, rows, seeds)])
-    assert torch.equal(fused, expected)
-    shared = fused_ids.rows(IdBatch(per_feature), fused_ids.HASH, a=[999] * 4, b=[seed_mix(7)] * 4, mix=fused_ids_mix())
-    assert torch.equal(shared, hash_ids(torch.cat(per_feature), 999, 7))
-
-
-def test_c_rows_read_views_and_refuse_remaps_they_cannot_read(compiled):
-    """Ids that start mid-storage (a view, read in place); a remap that is not int32 makes the
-    C pass decline (None: the torch path runs), never misread it."""
-    values = random_ids(3000, 5000, 9)
-    parts = torch.split(values[7:], [1500, 1, values.numel() - 7 - 1501])
-    batch = IdBatch(list(parts))
-    fused = fused_ids.rows(batch, fused_ids.HASH, a=[300, 17, 4096], b=[1, 2, 3], mix=fused_ids_mix())
-    assert torch.equal(fused, hash_rows(batch.ids, batch.constant([300, 17, 4096]), batch.constant([1, 2, 3])))
+def test_c_rows_refuse_remaps_they_cannot_read(compiled):
+    """A remap that is not int32 makes the C pass decline (None: the torch path runs), never
+    misread it; ids out of range read a remap's last (OOV) entry, the default row replaces -1."""
     # A remap has n + 1 entries: ids out of [0, n) read the last (the OOV entry).
     remap = torch.tensor([5, 4, 3, 2, 1, 0, -1, -1, 7, 8, -1])
     ids = IdBatch([torch.tensor([-1, 3, 9, 10, 11, 6])])
@@ -291,35 +260,6 @@ def test_c_rows_read_views_and_refuse_remaps_they_cannot_read(compiled):
     # With the default row (c = keep = 4): every -1 reads row 4.
     rows = fused_ids.rows(ids, fused_ids.PRUNED, c=[4], d=[10], remaps=[remap.to(torch.int32)], default=True)
     assert torch.equal(rows, torch.tensor([4, 2, 8, 4, 4, 4]))
-
-
-def test_collection_trains_the_same_with_the_c_rows(compiled, monkeypatch):
-    """A whole collection (Hash, Hybrid, Pruned zero and default, Full) on the C rows and on the
-    torch path: same outputs and tables, bit for bit, after training steps."""
-    import copy
-
-    launched = count_launches(monkeypatch)
-
-    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([300, 5000, 40, 1000, 77, 2000])]
-    methods = {
-        "f0": Hash(rows=50, seed=3), "f1": Hybrid(hot=100, cold_rows=60, seed=1), "f2": Pruned(keep=7),
-        "f3": Pruned(keep=90, remap=False), "f4": Full(), "f5": Hybrid(hot=30, cold_rows=5, remap=True),
-    }  # fmt: skip
-    fused = CompressedEmbeddingBagCollection(features, 8, methods, seed=2)
-    reference = copy.deepcopy(fused)
-    names = fused.feature_names
-    for seed in range(2):
-        kjt = random_kjt(names, 16, 5000, seed, max_len=3)
-        outs = []
-        for model, m in ((reference, "off"), (fused, "auto")):
-            with fused_ids.mode(m):
-                out = model(kjt).values()
-                out.pow(2).sum().backward()
-            outs.append(out.detach())
-        assert torch.equal(outs[0], outs[1])
-        for a, b in zip(reference.table_weights(), fused.table_weights()):
-            assert torch.equal(a, b)
-    assert {"hash", "hybrid", "pruned"} <= set(launched)  # the C pass ran for every kind
 
 
 def test_full_oov_map_by_the_c_pass_equals_the_torch_map(compiled, monkeypatch):
