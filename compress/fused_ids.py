@@ -200,21 +200,53 @@ def _native_wanted(batch: IdBatch) -> bool:
     return native.library() is not None
 
 
-def _id_pointers(batch: IdBatch) -> tuple[Any, list[int], Any]:
-    """(a C array of each feature's first id, the counts, what keeps the memory alive): the
-    features' own tensors where each is contiguous (no join), else pointers into ``batch.ids``."""
+def _id_pointers(batch: IdBatch) -> tuple[Any, Any, Any]:
+    """(a C array of each feature's first id, a C array of the counts, what keeps the memory
+    alive): the features' own tensors where each is contiguous (no join), else pointers into
+    ``batch.ids``."""
     import ctypes
 
     parts = batch.per_feature_ids
-    counts = [int(t.numel()) for t in parts]
-    if all(t.numel() <= 1 or t.stride(0) == 1 for t in parts):
-        return (ctypes.c_void_p * max(1, len(parts)))(*[t.data_ptr() for t in parts]), counts, parts
+    counts = batch.counts
+    size = max(1, len(parts))
+    count_array = (ctypes.c_int64 * size)(*counts)
+    if all(n <= 1 or t.stride(0) == 1 for t, n in zip(parts, counts)):
+        return (ctypes.c_void_p * size)(*[t.data_ptr() for t in parts]), count_array, parts
     ids = batch.ids.contiguous()
     starts, at = [], ids.data_ptr()
     for n in counts:
         starts.append(at)
         at += 8 * n
-    return (ctypes.c_void_p * max(1, len(parts)))(*starts), counts, ids
+    return (ctypes.c_void_p * size)(*starts), count_array, ids
+
+
+# The C pass's per-group arguments (constant table, its width, remap base address and offsets),
+# keyed by everything they are built from (the remaps by address), so a step does not rebuild them:
+# at B=512 that Python work (~0.1 ms for 24 MixedDim features) cost more than the pass itself.
+_PREPARED: dict[tuple, tuple[torch.Tensor, int, int | None, torch.Tensor | None]] = {}
+_PREPARED_MAX = 256  # distinct groups kept (cleared when full: a cache, rebuilt on the next call)
+
+
+def _prepared(
+    method: int, count: int, values: tuple, remaps: Sequence[torch.Tensor] | None
+) -> tuple[torch.Tensor, int, int | None, torch.Tensor | None] | None:
+    key = (method, count, values, None if remaps is None else tuple(r.data_ptr() for r in remaps))
+    hit = _PREPARED.get(key)
+    if hit is not None:
+        return hit
+    base = offsets = None
+    if remaps is not None:
+        if any(r.dtype != torch.int32 or r.device.type != "cpu" or not r.is_contiguous() for r in remaps):
+            return None
+        base = remaps[0].data_ptr()
+        offsets = torch.tensor([(r.data_ptr() - base) // 4 for r in remaps], dtype=torch.int64)
+    columns = [list(v) if v is not None else [0] * count for v in values]
+    width = 1 if all(len(set(v)) == 1 for v in columns) else count
+    consts = torch.tensor([x for v in columns for x in v[:width]], dtype=torch.int64)
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    _PREPARED[key] = (consts, width, base, offsets)
+    return _PREPARED[key]
 
 
 def native_rows(
@@ -232,33 +264,25 @@ def native_rows(
     torch path must run (not wanted: see ``_native_wanted``; remaps the C pass cannot read: not
     int32 CPU contiguous). Full's OOV map is PRUNED with ``c = d = num_embeddings`` and the
     default row (ids in range keep their row, the others read row ``num_embeddings``)."""
-    import ctypes
-
     from tablezip.embeddings import native
 
     if not _native_wanted(batch):
         return None
     lib = native.library()
     assert lib is not None
+    count = len(batch.counts)
+    values = tuple(None if v is None else tuple(v) for v in (a, b, c, d))
+    prepared = _prepared(method, count, values, remaps)
+    if prepared is None:
+        return None
+    consts, width, base, offsets = prepared
     pointers, counts, _keep = _id_pointers(batch)
-    total = sum(counts)
-    count = len(counts)
-    values = [list(v) if v is not None else [0] * count for v in (a, b, c, d)]
-    base = None
-    offsets = None
-    if remaps is not None:
-        if any(r.dtype != torch.int32 or r.device.type != "cpu" or not r.is_contiguous() for r in remaps):
-            return None
-        base = remaps[0]
-        offsets = batch.per_feature([(r.data_ptr() - base.data_ptr()) // 4 for r in remaps])
-    shared = all(len(set(v)) == 1 for v in values)
-    width = 1 if shared else count
-    consts = batch.per_feature([x for v in values for x in v[:width]])
+    total = sum(batch.counts)
     out = torch.empty(total, dtype=torch.int64)
     if total:
         lib.tz_rows(
-            pointers, out.data_ptr(), (ctypes.c_int64 * max(1, count))(*counts), count, consts.data_ptr(), width,
-            native.ptr(base), native.ptr(offsets), method, int(remaps is not None), int(default), mix[0], mix[1],
+            pointers, out.data_ptr(), counts, count, consts.data_ptr(), width, base, native.ptr(offsets), method,
+            int(remaps is not None), int(default), mix[0], mix[1],
         )  # fmt: skip
     return out
 
@@ -268,8 +292,6 @@ def native_digits(batch: IdBatch, sizes: Sequence[int], partitions: Sequence[Seq
     j-th mixed-radix digit of every OOV-mapped id (``sizes``: each feature's num_embeddings;
     ``partitions``: each feature's k radices), the integers of compositional's torch path. None
     where the torch path must run (see ``_native_wanted``)."""
-    import ctypes
-
     from tablezip.embeddings import native
 
     if not _native_wanted(batch) or len(batch.counts) != len(sizes):
@@ -280,12 +302,11 @@ def native_digits(batch: IdBatch, sizes: Sequence[int], partitions: Sequence[Seq
     k = len(partitions[0])
     radices = batch.per_feature([int(p) for parts in partitions for p in parts])
     limits = batch.per_feature([int(s) for s in sizes])
-    n = sum(counts)
+    n = sum(batch.counts)
     out = torch.empty(k, n, dtype=torch.int64)
     if n:
         lib.tz_digits(
-            pointers, out.data_ptr(), n, (ctypes.c_int64 * max(1, len(counts)))(*counts), len(counts),
-            limits.data_ptr(), radices.data_ptr(), k,
+            pointers, out.data_ptr(), n, counts, len(batch.counts), limits.data_ptr(), radices.data_ptr(), k
         )  # fmt: skip
     return out
 

@@ -343,3 +343,18 @@ def test_c_pass_reads_each_features_ids_in_place_or_joins_strided_ones(compiled)
     for j in range(2):
         want = torch.cat([mixed_radix_digits(oov_rows(i, n), p)[j] for i, n, p in zip(strided, [300, 9000], [(20, 16), (100, 91)])])
         assert torch.equal(digits[j], want)
+
+
+def test_c_pass_arguments_are_rebuilt_when_a_remap_moves(compiled, monkeypatch):
+    """The C pass keeps each group's constant table and remap offsets between calls (keyed by the
+    values and the remaps' addresses): a remap replaced by another tensor must be read, not the
+    old one; a full cache is cleared, not grown."""
+    ids = IdBatch([torch.tensor([0, 1, 2, 11])])
+    first = torch.tensor([5, 6, 7, -1, -1, -1, -1, -1, -1, -1, 9], dtype=torch.int32)
+    assert torch.equal(fused_ids.rows(ids, fused_ids.PRUNED, c=[3], d=[10], remaps=[first]), torch.tensor([5, 6, 7, 9]))
+    second = torch.tensor([1, 1, 1, -1, -1, -1, -1, -1, -1, -1, 2], dtype=torch.int32)
+    assert torch.equal(fused_ids.rows(ids, fused_ids.PRUNED, c=[3], d=[10], remaps=[second]), torch.tensor([1, 1, 1, 2]))
+    monkeypatch.setattr(fused_ids, "_PREPARED_MAX", 2)
+    for rows in (3, 4, 5, 6):
+        fused_ids.rows(ids, fused_ids.HASH, a=[rows], b=[0], mix=fused_ids_mix())
+        assert len(fused_ids._PREPARED) <= 2
