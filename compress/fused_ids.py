@@ -241,6 +241,8 @@ def _prepared(
         base = remaps[0].data_ptr()
         offsets = torch.tensor([(r.data_ptr() - base) // 4 for r in remaps], dtype=torch.int64)
     columns = [list(v) if v is not None else [0] * count for v in values]
+    if method != PRUNED and any(rows <= 0 for rows in columns[0]):
+        return None  # a modulo by 0 would kill the process in C; torch raises a clear error instead
     width = 1 if all(len(set(v)) == 1 for v in columns) else count
     consts = torch.tensor([x for v in columns for x in v[:width]], dtype=torch.int64)
     if len(_PREPARED) >= _PREPARED_MAX:
@@ -296,6 +298,8 @@ def native_digits(batch: IdBatch, sizes: Sequence[int], partitions: Sequence[Seq
 
     if not _native_wanted(batch) or len(batch.counts) != len(sizes):
         return None
+    if any(p <= 0 for parts in partitions for p in parts):
+        return None  # a division by 0 would kill the process in C; the torch path raises instead
     lib = native.library()
     assert lib is not None
     pointers, counts, _keep = _id_pointers(batch)

@@ -358,3 +358,12 @@ def test_c_pass_arguments_are_rebuilt_when_a_remap_moves(compiled, monkeypatch):
     for rows in (3, 4, 5, 6):
         fused_ids.rows(ids, fused_ids.HASH, a=[rows], b=[0], mix=fused_ids_mix())
         assert len(fused_ids._PREPARED) <= 2
+
+
+def test_c_pass_declines_a_zero_divisor(compiled):
+    """Row counts or radices of 0 (no valid config has them) go to the torch path, which raises,
+    instead of a C division by zero that would kill the process."""
+    ids = IdBatch([torch.arange(4)])
+    assert fused_ids.native_rows(ids, fused_ids.HASH, a=[0], b=[1], mix=fused_ids_mix()) is None
+    assert fused_ids.native_digits(ids, [10], [(0, 3)]) is None
+    assert fused_ids.native_digits(ids, [10], [(4, 3)]) is not None
