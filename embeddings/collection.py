@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from . import native
+from . import native, tbe_backward
 from .assemble import plan_for
 from .features import FeatureSpec, Pooling
 from .registry import BatchCache, FeatureLayout, IdBatch, MethodConfig, TableSpec, build_layout, interleaved, joined
@@ -48,6 +48,9 @@ class EmbeddingBagLookup(nn.Module):
     # pins that), so the pass only adds its offsets checks, a scalar loop over all bags and ids
     # (~0.5 ms of a ~13 ms step at 26 x 4096 bags) that one vectorised compare replaces.
     _checks_offsets: bool = False
+    # True: some feature is not Full, so CPU training takes the C backward in mode "auto"
+    # (embeddings/tbe_backward.py: measured faster for every compressed method, neutral for Full).
+    _compressed: bool = False
     # True: ``_general`` writes the output and TBE's gradient in one fused autograd step
     # (embeddings/assemble.py) when every layout declares its ``combine_form``; False: ``combine``
     # per feature and a concatenation (the reference, also whenever ``batch_transforms`` is off).
@@ -358,11 +361,15 @@ class EmbeddingBagLookup(nn.Module):
         if self._checks_offsets:
             check_offsets(indices, offsets, monotonic=not built)
         if not by_weight:
-            return self.tbe(indices, offsets)
+            # CPU training: the backward in C for compressed collections and shared tables (faster
+            # than fbgemm's CPU backward there; see embeddings/tbe_backward.py).
+            out = tbe_backward.lookup(self.tbe, indices, offsets, prefer=self._compressed)
+            return out if out is not None else self.tbe(indices, offsets)
         from tablezip.compress.fused_ids import zero_weight_drops
 
         indices, weights = zero_weight_drops(indices)
-        return self.tbe(indices, offsets, per_sample_weights=weights)
+        out = tbe_backward.lookup(self.tbe, indices, offsets, prefer=self._compressed, per_sample_weights=weights)
+        return out if out is not None else self.tbe(indices, offsets, per_sample_weights=weights)
 
     def transform_ids(self, per_feature: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Row ids of every feature's ids in each of its tables (``FeatureLayout.transform`` for
@@ -520,6 +527,7 @@ class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
         layouts = nn.ModuleDict({f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features})
         self._plan(features, dim, layouts)
         self._checks_offsets = self.device.type == "cpu"  # see EmbeddingBagLookup._checks_offsets
+        self._compressed = any(not isinstance(layout.config, Full) for layout in layouts.values())
         self.tbe = build_tbe(
             self._tables, self.tbe_feature_table_map(), optimizer, self.device, bounds_check=not self._checks_offsets
         )

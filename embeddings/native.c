@@ -6,7 +6,9 @@
  *     dropped (EmbeddingBagLookup._lookup_unit_drops);
  *   - tz_rows: the Hash / Hybrid / Pruned rows of a group of features' ids (compress/fused_ids.py's
  *     rows_kernel, on a CPU), one pass instead of a dozen torch ops; tz_digits: QR / KWay's
- *     partition rows (mixed-radix digits of the OOV-mapped ids).
+ *     partition rows (mixed-radix digits of the OOV-mapped ids);
+ *   - tz_tbe_backward: a CPU TBE's backward and exact optimizer step, in place
+ *     (embeddings/tbe_backward.py; used where fbgemm's CPU backward is slow: shared tables).
  *
  * The assemble:
  *
@@ -26,6 +28,7 @@
  * (index into the weights array, -1 for none). Kinds: 0 identity, 1 mult, 2 add, 3 concat,
  * 4 project.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -372,7 +375,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_native_version(void) { return 5; }
+int64_t tz_native_version(void) { return 6; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -517,4 +520,103 @@ void tz_digits(const int64_t *const *feature_ids, int64_t *out, int64_t n, const
         }
         at = end;
     }
+}
+
+/* A CPU TBE's backward and its exact optimizer step, in place: every touched row's gradient (the sum
+ * over the bags that read it of the pooled gradient, over all features that read its table) is
+ * accumulated, then the row and its optimizer state are updated once, with fbgemm's formulas
+ * (optimizer 0 rowwise Adagrad: m += sum(g * g) / D, w -= lr / (sqrt(m) + eps) * g; 1 Adagrad: per
+ * element m += g * g, w -= lr * g / (sqrt(m) + eps); 2 SGD: w -= lr * g). Why: fbgemm's CPU backward
+ * runs a table read by several features (unified embedding's shared table) through a scalar,
+ * single-threaded loop; its vectorised kernels are for unshared tables only.
+ * feat: per feature (row base in the linear row space, rows, weights offset, D, output column,
+ * state offset). sample_weights: one per id (TBE's per-sample weights), or NULL. slot: one int32 per linear row, -1 between calls (restored on return); touched,
+ * acc: room for one entry / one max_d-float row per id. Rows are updated in first-touch order; a
+ * row's gradient sums its ids in feature order, then bag order. Returns the number of rows updated,
+ * or -1 - f for an id of feature f outside its table (nothing is updated then). */
+/* One id's gradient row into its row's accumulator (first touch: a copy). D a compile-time
+ * constant where it is a common width (unrolled, vectorised without alias checks). */
+INL void tbe_accumulate(float *restrict a, const float *restrict g, const int first, const int64_t D) {
+    if (first)
+        for (int64_t d = 0; d < D; d++) a[d] = g[d];
+    else
+        for (int64_t d = 0; d < D; d++) a[d] += g[d];
+}
+
+/* The same with a per-sample weight: the id's row was pooled as weight * row, so it gets weight * g. */
+INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, const float weight, const int first,
+                                 const int64_t D) {
+    if (first)
+        for (int64_t d = 0; d < D; d++) a[d] = g[d] * weight;
+    else
+        for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
+}
+
+int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, const int64_t *indices, const int64_t *offsets,
+                        const float *sample_weights, int64_t nfeatures, int64_t batch, const int64_t *feat,
+                        float *weights, float *state, int32_t *slot, int64_t *touched, float *acc, int64_t max_d,
+                        int64_t optimizer, float lr, float eps) {
+    int64_t n = 0;
+    for (int64_t f = 0; f < nfeatures; f++) {
+        const int64_t *q = feat + 6 * f;
+        const int64_t base = q[0], rows = q[1], D = q[3], col = q[4];
+        const int64_t *bag = offsets + f * batch;
+        for (int64_t b = 0; b < batch; b++) {
+            const float *g = grad + b * grad_stride + col;
+            /* The gradient is read a column block per feature, a row apart: ask for the rows ahead. */
+            __builtin_prefetch(g + 8 * grad_stride);
+            for (int64_t p = bag[b]; p < bag[b + 1]; p++) {
+                const int64_t row = indices[p];
+                if (row < 0 || row >= rows) {
+                    for (int64_t s = 0; s < n; s++) slot[touched[2 * s]] = -1;
+                    return -1 - f;
+                }
+                int32_t s = slot[base + row];
+                const int first = s < 0;
+                if (first) {
+                    s = (int32_t)n++;
+                    slot[base + row] = s;
+                    touched[2 * s] = base + row;
+                    touched[2 * s + 1] = f;
+                }
+                float *a = acc + (int64_t)s * max_d;
+                if (sample_weights) {
+                    tbe_accumulate_weighted(a, g, sample_weights[p], first, D);
+                    continue;
+                }
+                switch (D) {
+                case 8: tbe_accumulate(a, g, first, 8); break;
+                case 16: tbe_accumulate(a, g, first, 16); break;
+                case 32: tbe_accumulate(a, g, first, 32); break;
+                case 64: tbe_accumulate(a, g, first, 64); break;
+                default: tbe_accumulate(a, g, first, D);
+                }
+            }
+        }
+    }
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t lin = touched[2 * s], f = touched[2 * s + 1];
+        const int64_t *q = feat + 6 * f;
+        const int64_t row = lin - q[0], D = q[3];
+        float *w = weights + q[2] + row * D;
+        const float *g = acc + s * max_d;
+        if (optimizer == 0) {
+            float sum = 0.0f;
+            for (int64_t d = 0; d < D; d++) sum += g[d] * g[d];
+            float *m = state + q[5] + row;
+            *m += sum / (float)D;
+            const float step = lr / (sqrtf(*m) + eps);
+            for (int64_t d = 0; d < D; d++) w[d] -= step * g[d];
+        } else if (optimizer == 1) {
+            float *m = state + q[5] + row * D;
+            for (int64_t d = 0; d < D; d++) {
+                m[d] += g[d] * g[d];
+                w[d] -= lr * g[d] / (sqrtf(m[d]) + eps);
+            }
+        } else {
+            for (int64_t d = 0; d < D; d++) w[d] -= lr * g[d];
+        }
+        slot[lin] = -1;
+    }
+    return n;
 }

@@ -35,9 +35,11 @@ SOURCE = Path(__file__).with_name("native.c")
 # (the bitwise-equality contract of embeddings/assemble.py). -march=native: the widest vectors
 # this CPU has (the kernels pick their width from the target); the cache key holds the CPU's
 # feature flags, so a cache shared by different CPUs never loads code built for another.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
+# -fno-math-errno: sqrtf becomes the IEEE sqrt instruction (the same correctly rounded result), no
+# call into libm.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
-VERSION = 5  # tz_native_version() of the source this module declares
+VERSION = 6  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()
@@ -128,6 +130,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.tz_digits.restype = None
     lib.tz_digits.argtypes = [_i64p, _i64p, _i64, _i64p, _i64, _i64p, _i64p, _i64]
+    lib.tz_tbe_backward.restype = _i64
+    lib.tz_tbe_backward.argtypes = [
+        _f32p, _i64, _i64p, _i64p, _f32p, _i64, _i64, _i64p, _f32p, _f32p, ctypes.c_void_p, _i64p, _f32p, _i64, _i64,
+        ctypes.c_float, ctypes.c_float,
+    ]
     lib.tz_assemble_forward.restype = _int
     lib.tz_assemble_forward.argtypes = [
         _f32p, _i64, _f32p, _i64, _i64, _i64, _i64p, _i64, _f32p, _f32p, _i64, _int,
