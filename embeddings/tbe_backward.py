@@ -1,15 +1,16 @@
-"""A CPU TBE's backward and exact optimizer step in C, for TBEs whose tables are read by several
-features (unified embedding's shared table).
+"""A CPU TBE's backward and exact optimizer step in C: for TBEs with a table read by several
+features (unified embedding's shared table), and for compressed collections, where it measured
+faster than fbgemm's CPU backward.
 
 Why: fbgemm's CPU backward (fbgemm-gpu-cpu 1.8.0, ``embedding_backward_split_cpu_template.cpp``)
 runs its vectorised SpMDM + rowwise-Adagrad kernels only for tables read by one feature; a shared
 table takes a generic loop, one float at a time on one thread. Measured (bare TBE, B=4096, D=16,
 one thread, 12 small tables and one 1.2M-row table read by 14 features): 9.5-9.9 ms per fwd+bwd
-against 4.9-5.5 ms with the same ids in 14 separate tables; in unified's training step ~1 ms of
-~5 (benchmarks/NOTES.md). Here the whole TBE's backward is one C pass (``tz_tbe_backward`` in
-embeddings/native.c): every touched row's gradient is summed over every feature and bag that read
-it, then the row and its optimizer state get one update with fbgemm's formulas (rowwise Adagrad,
-Adagrad or SGD), in place in the TBE's own weights and state, as fbgemm's fused backward does.
+against 4.9-5.5 ms with the same ids in 14 separate tables (benchmarks/NOTES.md). Here the whole
+TBE's backward is one C pass (``tz_tbe_backward`` in embeddings/native.c): every touched row's
+gradient is summed over every feature and bag that read it, then the row and its optimizer state
+get one update with fbgemm's formulas (rowwise Adagrad, Adagrad or SGD), in place in the TBE's
+own weights and state, as fbgemm's fused backward does.
 
 The forward stays fbgemm's (called inside an autograd function whose backward is the C pass, with
 the TBE's placeholder as the input that carries grad, as fbgemm's own function does), so outputs
@@ -23,12 +24,16 @@ that is not all Full (the caller says so: ``prefer``); "on": any CPU training TB
 optimizers, the compiled kernels built; anything else runs fbgemm's path. Per-sample weights (the
 zero-weight drops) scale each id's gradient, so a weight-0 id adds an exact zero: the same tables,
 bit for bit, as compacting those ids away.
-Measured (shuffled A/Bs in one process, 26 Criteo-sample features at 10x): training steps at
+
+Measured (shuffled A/Bs in one process, 26 Criteo-sample features at 10x), training steps at
 B=4096, D=16, one thread: unified 0.85x the time with it, multihash 0.85x, hash 0.91x, hybrid
 0.91x, kway/qr 0.92-0.93x, pruned 0.93x, md 0.94x; two threads: unified 0.85x, hash 0.90x;
 B=32768, D=64: unified 0.93x, hash 0.98x; Full 1.01-1.02x (fbgemm's kernels are at their best on
-large unshared tables), so "auto" leaves all-Full collections on fbgemm's path. Memory: an int32 per row of every table (-1 between
-steps), and per step an id list and a [rows touched, max D] float buffer, kept between steps.
+large unshared tables), so "auto" leaves all-Full collections on fbgemm's path.
+
+Memory: an int32 per row of every table (-1 between steps), and a [rows, max D] float buffer for
+the touched rows' gradients (rows: the fewer of the step's ids and all tables' rows), kept between
+steps.
 """
 from __future__ import annotations
 
@@ -179,10 +184,12 @@ class _TBEWithCBackward(torch.autograd.Function):
         grad = grad.contiguous()
         features = state.feat.shape[0]
         batch = (offsets.numel() - 1) // features
-        n = indices.numel()
-        if state.touched.numel() < 2 * n:
-            state.touched = torch.empty(2 * n, dtype=torch.int64)
-            state.acc = torch.empty(n * state.max_d, dtype=torch.float32)
+        # Rows a step can touch: at most one per id, and at most every row of every table (at
+        # B=32768 and D=64 a bound by ids alone would keep ~220 MB of accumulators).
+        rows = min(indices.numel(), state.slot.numel())
+        if state.touched.numel() < 2 * rows:
+            state.touched = torch.empty(2 * rows, dtype=torch.int64)
+            state.acc = torch.empty(rows * state.max_d, dtype=torch.float32)
         lib = native.library()
         assert lib is not None
         weights = tbe.weights_host
