@@ -37,9 +37,10 @@ steps.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -57,6 +58,18 @@ def set_mode(value: str) -> None:
     if value not in MODES:
         raise ValueError(f"tbe_backward.mode must be one of {', '.join(MODES)}, got {value!r}")
     mode = value
+
+
+@contextlib.contextmanager
+def mode_as(value: str) -> Iterator[None]:
+    """``set_mode(value)`` for a ``with`` block, the previous mode restored after. A collection built
+    in mode "off" groups a shared table's TBE slots, as fbgemm's CPU backward needs."""
+    previous = mode
+    set_mode(value)
+    try:
+        yield
+    finally:
+        set_mode(previous)
 
 
 @dataclass
@@ -105,12 +118,10 @@ def _build(tbe: Any, key: tuple) -> _State | None:
     state_offsets = tbe.momentum1_offsets.tolist() if optimizer != 2 else [0] * len(weights_offsets)
     features = len(weights_offsets)
     total = hash_cumsum[-1]
-    rows = []
-    for f in range(features):
-        # A table's rows: up to the next feature that starts another table (shared tables repeat
-        # their start), else to the end.
-        nxt = next((h for h in hash_cumsum[f + 1 :] if h != hash_cumsum[f]), total)
-        rows.append(nxt - hash_cumsum[f])
+    # Each slot's table rows from the table itself (a shared table's slots may be apart in the TBE:
+    # then hash_size_cumsum is not monotonic and its differences are not row counts).
+    table_rows = [int(t.shape[0]) for t in tbe.split_embedding_weights()]
+    rows = [table_rows[t] for t in tbe.feature_table_map]
     feat = torch.tensor(
         [[hash_cumsum[f], rows[f], weights_offsets[f], d_offsets[f + 1] - d_offsets[f], d_offsets[f], state_offsets[f]] for f in range(features)],
         dtype=torch.int64,

@@ -181,3 +181,42 @@ def test_an_id_outside_its_table_updates_nothing():
     assert done == -1 - 3
     assert bool((state.slot == -1).all())
     assert torch.equal(tbe.weights_host, before[0]) and torch.equal(tbe.momentum1_host, before[1])
+
+
+def test_shared_table_slots_apart_train_as_one_table():
+    """A TBE whose shared table is read by slots that are not adjacent (fbgemm's CPU backward would
+    treat them as separate tables): the C pass still sums every slot's gradient per row and updates
+    the row once, as fbgemm does for the same slots grouped."""
+    from tablezip.embeddings.registry import TableSpec
+    from tablezip.embeddings.tbe import build_tbe
+
+    tables = [TableSpec(12, 4), TableSpec(7, 4)]
+    apart = build_tbe(tables, [0, 1, 0], TableOptimizer(lr=0.2), torch.device("cpu"), bounds_check=False)
+    grouped = build_tbe(tables, [0, 0, 1], TableOptimizer(lr=0.2), torch.device("cpu"), bounds_check=False)
+    for a, b in zip(apart.split_embedding_weights(), grouped.split_embedding_weights()):
+        b.copy_(torch.randn(a.shape, generator=torch.Generator().manual_seed(a.shape[0])))
+        a.copy_(b)
+    batch = 3
+    g = torch.Generator().manual_seed(0)
+    # Slot order of ``apart``: table 0, table 1, table 0; ``grouped`` reads the same bags as 0, 2, 1.
+    bags = [[[1, 4], [4], []], [[2], [6, 6], [0]], [[4, 11], [1], [4, 4]]]
+    def flat(order):
+        lengths = [len(bag) for s in order for bag in bags[s]]
+        values = [i for s in order for bag in bags[s] for i in bag]
+        return torch.tensor(values), torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+
+    grad = torch.randn(batch, 12, generator=g)
+    indices, offsets = flat([0, 1, 2])
+    out = tbe_backward.lookup(apart, indices, offsets, prefer=True)
+    assert out is not None and tbe_backward._shared(apart)
+    out.backward(grad)
+    indices, offsets = flat([0, 2, 1])
+    with tbe_backward.mode_as("off"):
+        expected = grouped(indices, offsets)
+    expected.backward(torch.cat([grad[:, 0:4], grad[:, 8:12], grad[:, 4:8]], dim=1))
+    assert torch.equal(torch.cat([out[:, 0:4], out[:, 8:12], out[:, 4:8]], dim=1).detach(), expected.detach())
+    for a, b in zip(apart.split_embedding_weights(), grouped.split_embedding_weights()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(apart.split_optimizer_states(), grouped.split_optimizer_states()):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert tbe_backward.mode == "auto"  # mode_as restored it
