@@ -51,6 +51,7 @@ class EmbeddingBagLookup(nn.Module):
     # True: some feature is not Full, so CPU training takes the C backward in mode "auto"
     # (embeddings/tbe_backward.py: measured faster for every compressed method, neutral for Full).
     _compressed: bool = False
+    _shared_apart: bool = False
     # True: ``_general`` writes the output and TBE's gradient in one fused autograd step
     # (embeddings/assemble.py) when every layout declares its ``combine_form``; False: ``combine``
     # per feature and a concatenation (the reference, also whenever ``batch_transforms`` is off).
@@ -70,8 +71,11 @@ class EmbeddingBagLookup(nn.Module):
     # built and unused, as before. The same TBE call either way.
     lean_lengths: bool = True
 
-    def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict) -> None:
-        """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build."""
+    def _plan(self, features: Sequence[FeatureSpec], dim: int, layouts: nn.ModuleDict, group_shared: bool = True) -> None:
+        """Set the features, layouts and the slot plan; ``self.tbe`` is the subclass's to build.
+        ``group_shared=False``: TBE's slots in feature order even where a shared table's slots are
+        then apart (only where fbgemm's CPU backward, which needs them adjacent, never trains the
+        TBE: see ``CompressedEmbeddingBagCollection``)."""
         self.features = list(features)
         self.dim = dim
         self.layouts = layouts
@@ -85,7 +89,13 @@ class EmbeddingBagLookup(nn.Module):
         # others sit between; so TBE sees the slots grouped by table (stable: identity without
         # shared tables) and _general permutes rows in and pooled parts back.
         self._tbe_order = sorted(
-            (s for s in range(len(self._slot_table)) if s not in folded_away), key=self._slot_table.__getitem__
+            (s for s in range(len(self._slot_table)) if s not in folded_away),
+            key=self._slot_table.__getitem__ if group_shared else None,
+        )
+        # Whether some shared table's slots are apart in TBE (fbgemm's CPU backward must not train it).
+        tables_in_order = [self._slot_table[s] for s in self._tbe_order]
+        self._shared_apart = any(
+            t in tables_in_order[:i] and tables_in_order[i - 1] != t for i, t in enumerate(tables_in_order) if i
         )
         self._passthrough = (
             len(self._slot_table) == len(features)
@@ -360,16 +370,27 @@ class EmbeddingBagLookup(nn.Module):
         the offsets are a cumsum of lengths known to be >= 0, so only their ends are checked."""
         if self._checks_offsets:
             check_offsets(indices, offsets, monotonic=not built)
-        if not by_weight:
-            # CPU training: the backward in C for compressed collections and shared tables (faster
-            # than fbgemm's CPU backward there; see embeddings/tbe_backward.py).
-            out = tbe_backward.lookup(self.tbe, indices, offsets, prefer=self._compressed)
-            return out if out is not None else self.tbe(indices, offsets)
-        from tablezip.compress.fused_ids import zero_weight_drops
+        weights = None
+        if by_weight:
+            from tablezip.compress.fused_ids import zero_weight_drops
 
-        indices, weights = zero_weight_drops(indices)
+            indices, weights = zero_weight_drops(indices)
+        # CPU training: the backward in C for compressed collections and shared tables (faster
+        # than fbgemm's CPU backward there; see embeddings/tbe_backward.py).
         out = tbe_backward.lookup(self.tbe, indices, offsets, prefer=self._compressed, per_sample_weights=weights)
-        return out if out is not None else self.tbe(indices, offsets, per_sample_weights=weights)
+        if out is not None:
+            return out
+        if self._shared_apart and torch.is_grad_enabled() and indices.device.type == "cpu":
+            # fbgemm's CPU backward would train each slot of the shared table as a table of its
+            # own (one optimizer step per slot, not one per row): refuse rather than train that.
+            raise RuntimeError(
+                "tablezip: this collection reads a shared table from slots that are not adjacent in its "
+                "TBE (built for the C backward), but the C backward cannot run now (tbe_backward mode "
+                f"{tbe_backward.mode!r}, compiled kernels {'available' if native.library() else 'unavailable'}); "
+                "use tbe_backward.set_mode('auto'), or build the collection under "
+                "tbe_backward.mode_as('off') to group the slots for fbgemm's backward"
+            )
+        return self.tbe(indices, offsets) if weights is None else self.tbe(indices, offsets, per_sample_weights=weights)
 
     def transform_ids(self, per_feature: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Row ids of every feature's ids in each of its tables (``FeatureLayout.transform`` for
@@ -525,12 +546,21 @@ class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
         # compaction, which costs no sync there. Weight decay would touch rows only dropped ids read.
         self.drop_by_weight = self.device.type == "cuda" and optimizer.weight_decay == 0
         layouts = nn.ModuleDict({f.name: build_layout(f, dim, methods.get(f.name, Full())) for f in features})
-        self._plan(features, dim, layouts)
+        # A shared table's slots stay in feature order (no reordering copy of unified's vectors,
+        # forward and backward) where the C backward will train the TBE: on a CPU with the compiled
+        # kernels. fbgemm's CPU backward needs them adjacent (it groups a table's slots by
+        # neighbourhood), so anywhere else they are grouped as before.
+        in_c = self.device.type == "cpu" and tbe_backward.mode != "off" and native.library() is not None
+        self._plan(features, dim, layouts, group_shared=not in_c)
         self._checks_offsets = self.device.type == "cpu"  # see EmbeddingBagLookup._checks_offsets
         self._compressed = any(not isinstance(layout.config, Full) for layout in layouts.values())
         self.tbe = build_tbe(
             self._tables, self.tbe_feature_table_map(), optimizer, self.device, bounds_check=not self._checks_offsets
         )
+        # fbgemm's state dict also holds the TBE's per-slot layout (offsets, placements, dims),
+        # which differs between a grouped and a feature-ordered build of the same tables; the tables
+        # themselves are stored alike (by table). Loading keeps this TBE's own layout.
+        self._register_load_state_dict_pre_hook(_keep_own_tbe_layout, with_module=True)
         generator = torch.Generator().manual_seed(seed)
         init_uniform_(self.tbe, generator)
         weights = self.table_weights()
@@ -587,6 +617,25 @@ class CompressedEmbeddingBagCollection(EmbeddingBagLookup):
         from .artifact import load_collection
 
         return load_collection(directory, device=device, optimizer=optimizer)
+
+
+# TBE buffers that describe its slots, not its tables: derived from the slot plan at construction.
+_TBE_SLOT_LAYOUT = ("D_offsets", "hash_size_cumsum", "feature_dims", "weights_offsets", "weights_placements",
+                    "momentum1_offsets", "momentum1_placements", "momentum2_offsets", "momentum2_placements")  # fmt: skip
+
+
+def _keep_own_tbe_layout(module: "EmbeddingBagLookup", state_dict: dict, prefix: str, *args: object) -> None:
+    """A state dict of the same tables from a collection whose TBE orders its slots differently (a
+    shared table's slots grouped for fbgemm's CPU backward, or in feature order for the C one, or
+    saved by an earlier tablezip): its tables load as they are, its slot layout is replaced by
+    this TBE's own, which describes how this collection reads them. Tables that do not match still
+    fail to load (their sizes differ)."""
+    tbe = getattr(module, "tbe", None)
+    for name in _TBE_SLOT_LAYOUT:
+        key = f"{prefix}tbe.{name}"
+        own = getattr(tbe, name, None)
+        if key in state_dict and isinstance(own, torch.Tensor):
+            state_dict[key] = own.detach().clone()
 
 
 def _plan_tables(layouts: list[FeatureLayout]) -> tuple[list[TableSpec], list[int], list[list[int]]]:

@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned, Unified
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
-from tablezip.embeddings import assemble, native
+from tablezip.embeddings import assemble, native, tbe_backward
 from tablezip.embeddings.assemble import plan_for
 from tests.conftest import random_kjt
 from tests.embeddings.test_conformance import FEATURES, KINDS, NAMES, build
@@ -342,9 +342,13 @@ UNIFIED_METHODS = {f.name: Unified(rows=97) if f.name.startswith("u") else Full(
 
 
 def unified_collection(seed: int) -> CompressedEmbeddingBagCollection:
+    """Built as for fbgemm's CPU backward (tbe_backward mode "off"): the shared table's slots
+    grouped in TBE, so its vectors come out of order and the assemble's gather puts them back (the
+    path these tests check; with the C backward they stay in feature order and need none)."""
     by_name = {f.name: f for f in UNIFIED_FEATURES}
     features = [by_name[n] for n in UNIFIED_ORDER]
-    return CompressedEmbeddingBagCollection(features, DIM, UNIFIED_METHODS, seed=seed)
+    with tbe_backward.mode_as("off"):
+        return CompressedEmbeddingBagCollection(features, DIM, UNIFIED_METHODS, seed=seed)
 
 
 def old_output_path(coll: CompressedEmbeddingBagCollection) -> CompressedEmbeddingBagCollection:

@@ -78,9 +78,17 @@ def restore_mode():
 
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adagrad", "sgd"])
 def test_shared_and_unshared_tables_train_like_fbgemm(optimizer, monkeypatch):
+    """The C side is built as it is by default on a CPU (the shared table's slots in feature order,
+    apart in TBE); the reference as for fbgemm's backward (grouped): same tables, same outputs.
+    Each step starts both from the C side's state, loaded across the two layouts."""
     calls = count_c_steps(monkeypatch)
-    c_side = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, optimizer=TableOptimizer(kind=optimizer, lr=0.1), seed=5)
-    reference = copy.deepcopy(c_side)
+    config = dict(optimizer=TableOptimizer(kind=optimizer, lr=0.1), seed=5)
+    c_side = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, **config)
+    with tbe_backward.mode_as("off"):
+        reference = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, **config)
+    assert c_side._shared_apart and not reference._shared_apart
+    for a, b in zip(c_side.table_weights(), reference.table_weights()):
+        assert torch.equal(a, b)
     kjts = [random_kjt(NAMES, 24, 3000, seed, max_len=4) for seed in range(3)]  # bags of 0-4 ids, ids out of range
     ones = KeyedJaggedTensor(keys=NAMES, values=torch.arange(7 * 24) * 37 - 5, lengths=torch.ones(7 * 24, dtype=torch.long))
     train_twins(c_side, reference, kjts + [ones])
@@ -90,7 +98,8 @@ def test_shared_and_unshared_tables_train_like_fbgemm(optimizer, monkeypatch):
 def test_per_sample_weights_scale_each_ids_gradient():
     """TBE's per-sample weights (the zero-weight drops use them): the C backward gives each id
     weight * gradient, as fbgemm does; weight 0 adds nothing."""
-    coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=2)
+    with tbe_backward.mode_as("off"):  # grouped slots: fbgemm's backward is the reference here
+        coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=2)
     tbe = coll.tbe
     twin = copy.deepcopy(tbe)
     slots = len(tbe.feature_table_map)
@@ -137,7 +146,15 @@ def test_when_each_path_runs(monkeypatch):
     with_mode("on")
     assert steps(full) == 1
     with_mode("off")
-    assert steps(compressed) == 0 and steps(shared_only) == 0
+    with tbe_backward.mode_as("off"):
+        grouped = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS)
+    assert steps(grouped) == 0 and steps(full) == 0
+    # Built for the C backward, its shared slots apart: fbgemm's backward would train each slot
+    # as a table of its own, so training without the C pass is refused (inference is not).
+    with pytest.raises(RuntimeError, match="not adjacent in its TBE"):
+        steps(compressed)
+    with torch.no_grad():
+        compressed(kjt)
     with_mode("auto")
     with torch.no_grad():
         compressed(kjt)
@@ -220,3 +237,46 @@ def test_shared_table_slots_apart_train_as_one_table():
     for a, b in zip(apart.split_optimizer_states(), grouped.split_optimizer_states()):
         torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
     assert tbe_backward.mode == "auto"  # mode_as restored it
+
+
+def test_feature_ordered_shared_slots_need_no_reordering_and_equal_the_grouped_outputs():
+    """With the C backward a shared table's slots stay in feature order: a unified collection of
+    one-chunk features is then a passthrough (TBE's output is the output, no gather) and gives
+    the grouped build's vectors bit for bit."""
+    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([50, 800, 20, 900, 700])]
+    methods = {"f0": Full(), "f1": Unified(rows=60), "f2": Full(), "f3": Unified(rows=60), "f4": Unified(rows=60)}
+    apart = CompressedEmbeddingBagCollection(features, DIM, methods, seed=4)
+    with tbe_backward.mode_as("off"):
+        grouped = CompressedEmbeddingBagCollection(features, DIM, methods, seed=4)
+    assert apart._passthrough and not grouped._passthrough
+    assert apart.tbe_feature_table_map() != grouped.tbe_feature_table_map()
+    names = [f.name for f in features]
+    for seed in range(3):
+        kjt = random_kjt(names, 16, 3000, seed, max_len=3)
+        with torch.no_grad():
+            assert torch.equal(apart(kjt).values(), grouped(kjt).values())
+
+
+def test_state_dicts_load_across_slot_layouts_and_keep_the_own_layout():
+    """A checkpoint of the feature-ordered build loads into the grouped one and back (the tables,
+    optimizer state included; each keeps the slot layout it reads them with), and the loaded
+    collection computes the saved one's vectors. Other tables still refuse to load."""
+    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([50, 800, 20, 900])]
+    methods = {"f0": Full(), "f1": Unified(rows=60), "f2": Full(), "f3": Unified(rows=60)}
+    apart = CompressedEmbeddingBagCollection(features, DIM, methods, seed=1)
+    with tbe_backward.mode_as("off"):
+        grouped = CompressedEmbeddingBagCollection(features, DIM, methods, seed=2)
+    names = [f.name for f in features]
+    apart(random_kjt(names, 8, 3000, 0)).values().sum().backward()  # moves tables and state
+    layout = grouped.tbe.weights_offsets.clone()
+    grouped.load_state_dict(apart.state_dict())
+    assert torch.equal(grouped.tbe.weights_offsets, layout)
+    for a, b in zip(apart.tbe.split_optimizer_states(), grouped.tbe.split_optimizer_states()):
+        assert torch.equal(a[0], b[0])
+    kjt = random_kjt(names, 8, 3000, 1)
+    with torch.no_grad():
+        assert torch.equal(apart(kjt).values(), grouped(kjt).values())
+    apart.load_state_dict(grouped.state_dict())
+    other = CompressedEmbeddingBagCollection(features, DIM, {**methods, "f1": Unified(rows=61), "f3": Unified(rows=61)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(apart.state_dict())
