@@ -375,7 +375,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_native_version(void) { return 6; }
+int64_t tz_native_version(void) { return 7; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -533,7 +533,8 @@ void tz_digits(const int64_t *const *feature_ids, int64_t *out, int64_t n, const
  * state offset). sample_weights: one per id (TBE's per-sample weights), or NULL. slot: one int32 per linear row, -1 between calls (restored on return); touched,
  * acc: room for one entry / one max_d-float row per id. Rows are updated in first-touch order; a
  * row's gradient sums its ids in feature order, then bag order. Returns the number of rows updated,
- * or -1 - f for an id of feature f outside its table (nothing is updated then). */
+ * or -1 - f for an id of feature f outside its table (nothing is updated then; f = nfeatures: out
+ * of memory). */
 /* One id's gradient row into its row's accumulator (first touch: a copy). D a compile-time
  * constant where it is a common width (unrolled, vectorised without alias checks). */
 INL void tbe_accumulate(float *restrict a, const float *restrict g, const int first, const int64_t D) {
@@ -552,23 +553,34 @@ INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, con
         for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
 }
 
-int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, const int64_t *indices, const int64_t *offsets,
-                        const float *sample_weights, int64_t nfeatures, int64_t batch, const int64_t *feat,
-                        float *weights, float *state, int32_t *slot, int64_t *touched, float *acc, int64_t max_d,
-                        int64_t optimizer, float lr, float eps) {
+int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col_stride, const int64_t *indices,
+                        const int64_t *offsets, const float *sample_weights, int64_t nfeatures, int64_t batch,
+                        const int64_t *feat, float *weights, float *state, int32_t *slot, int64_t *touched,
+                        float *acc, int64_t max_d, int64_t optimizer, float lr, float eps) {
     int64_t n = 0;
+    /* A gradient whose columns are not adjacent (the expanded gradient of a sum: strides 0, 0) is
+     * read through gbuf, a row's slice at a time: no [B, W] copy of it. */
+    float *gbuf = grad_col_stride == 1 ? NULL : (float *)malloc((size_t)(max_d > 0 ? max_d : 1) * sizeof(float));
+    if (grad_col_stride != 1 && !gbuf) return -1 - nfeatures;
     for (int64_t f = 0; f < nfeatures; f++) {
         const int64_t *q = feat + 6 * f;
         const int64_t base = q[0], rows = q[1], D = q[3], col = q[4];
         const int64_t *bag = offsets + f * batch;
         for (int64_t b = 0; b < batch; b++) {
-            const float *g = grad + b * grad_stride + col;
-            /* The gradient is read a column block per feature, a row apart: ask for the rows ahead. */
-            __builtin_prefetch(g + 8 * grad_stride);
+            const float *g = grad + b * grad_stride + col * grad_col_stride;
+            if (gbuf) {
+                if (bag[b] == bag[b + 1]) continue;
+                for (int64_t d = 0; d < D; d++) gbuf[d] = g[d * grad_col_stride];
+                g = gbuf;
+            } else {
+                /* The gradient is read a column block per feature, a row apart: ask for the rows ahead. */
+                __builtin_prefetch(g + 8 * grad_stride);
+            }
             for (int64_t p = bag[b]; p < bag[b + 1]; p++) {
                 const int64_t row = indices[p];
                 if (row < 0 || row >= rows) {
                     for (int64_t s = 0; s < n; s++) slot[touched[2 * s]] = -1;
+                    free(gbuf);
                     return -1 - f;
                 }
                 int32_t s = slot[base + row];
@@ -618,5 +630,6 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, const int64_t *i
         }
         slot[lin] = -1;
     }
+    free(gbuf);
     return n;
 }

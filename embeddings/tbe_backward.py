@@ -192,7 +192,8 @@ class _TBEWithCBackward(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:
         indices, offsets, per_sample_weights = ctx.saved_tensors
         tbe, state = ctx.tbe, ctx.state
-        grad = grad.contiguous()
+        if grad.stride(1) != 1 and grad.stride(1) != 0:
+            grad = grad.contiguous()  # the C pass reads adjacent columns, or one value per row (stride 0)
         features = state.feat.shape[0]
         batch = (offsets.numel() - 1) // features
         # Rows a step can touch: at most one per id, and at most every row of every table (at
@@ -206,11 +207,14 @@ class _TBEWithCBackward(torch.autograd.Function):
         weights = tbe.weights_host
         momentum = tbe.momentum1_host if state.optimizer != 2 else weights
         done = lib.tz_tbe_backward(
-            grad.data_ptr(), grad.stride(0), indices.data_ptr(), offsets.data_ptr(), native.ptr(per_sample_weights), features, batch,
+            grad.data_ptr(), grad.stride(0), grad.stride(1), indices.data_ptr(), offsets.data_ptr(),
+            native.ptr(per_sample_weights), features, batch,
             state.feat.data_ptr(), weights.data_ptr(), momentum.data_ptr(), state.slot.data_ptr(),
             state.touched.data_ptr(), state.acc.data_ptr(), state.max_d, state.optimizer,
             float(tbe.learning_rate_tensor), float(tbe.optimizer_args.eps),
         )  # fmt: skip
+        if done == -1 - features:
+            raise MemoryError("tablezip: the C backward ran out of memory")
         if done < 0:
             raise IndexError(f"tablezip: a row of TBE slot {-1 - done} is outside its table (nothing was updated)")
         return (None, None, None, None, None, None)

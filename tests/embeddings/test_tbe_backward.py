@@ -191,7 +191,7 @@ def test_an_id_outside_its_table_updates_nothing():
     state.acc = torch.empty(slots * state.max_d)
     before = tbe.weights_host.clone(), tbe.momentum1_host.clone()
     done = native.library().tz_tbe_backward(
-        grad.data_ptr(), grad.stride(0), indices.data_ptr(), offsets.data_ptr(), None, slots, 1, state.feat.data_ptr(),
+        grad.data_ptr(), grad.stride(0), grad.stride(1), indices.data_ptr(), offsets.data_ptr(), None, slots, 1, state.feat.data_ptr(),
         tbe.weights_host.data_ptr(), tbe.momentum1_host.data_ptr(), state.slot.data_ptr(), state.touched.data_ptr(),
         state.acc.data_ptr(), state.max_d, state.optimizer, 0.1, 1e-8,
     )  # fmt: skip
@@ -280,3 +280,26 @@ def test_state_dicts_load_across_slot_layouts_and_keep_the_own_layout():
     other = CompressedEmbeddingBagCollection(features, DIM, {**methods, "f1": Unified(rows=61), "f3": Unified(rows=61)})
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_state_dict(apart.state_dict())
+
+
+@pytest.mark.parametrize("loss", ["sum", "strided"])
+def test_gradients_of_any_strides_train_like_fbgemm(loss):
+    """The gradient reaching the C pass as it comes: the expanded gradient of a plain ``sum``
+    (strides 0, 0: read a value per row, no [B, W] copy) or a column-strided one (copied first)."""
+    features = [FeatureSpec(f"f{i}", n) for i, n in enumerate([50, 800, 20, 900, 700])]
+    methods = {"f0": Full(), "f1": Unified(rows=60), "f2": Hash(rows=9), "f3": Unified(rows=60), "f4": Unified(rows=60)}
+    apart = CompressedEmbeddingBagCollection(features, DIM, methods, seed=4)
+    with tbe_backward.mode_as("off"):
+        grouped = CompressedEmbeddingBagCollection(features, DIM, methods, seed=4)
+    names = [f.name for f in features]
+    for seed in range(3):
+        kjt = random_kjt(names, 16, 3000, seed, max_len=3)
+        for coll, mode in ((apart, "auto"), (grouped, "off")):
+            with tbe_backward.mode_as(mode):
+                out = coll(kjt).values()
+                if loss == "sum":
+                    out.sum().backward()
+                else:  # the transpose of a [W, B] tensor's contiguous gradient: column stride B
+                    (out.t().contiguous().t() * torch.linspace(-1, 1, out.numel()).view(out.t().shape).t()).sum().backward()
+        for a, b in zip(apart.table_weights(), grouped.table_weights()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
