@@ -143,6 +143,9 @@ def test_when_each_path_runs(monkeypatch):
         return random_kjt(names, 8, 3000, 1)
 
     assert steps(compressed) == 1 and steps(full) == 0 and steps(shared_only) == 1
+    # Wider than AUTO_MAX_DIM without a shared table: fbgemm's kernels measured faster there.
+    wide = CompressedEmbeddingBagCollection([FeatureSpec("h", 900)], 64, {"h": Hash(rows=50)})
+    assert wide._compressed and steps(wide) == 0
     with_mode("on")
     assert steps(full) == 1
     with_mode("off")
