@@ -151,7 +151,7 @@ def rows(
     another device). ``a``..``d`` are the per-feature values of ``method`` (see the kernel);
     ``mix`` is splitmix64's two multipliers as unsigned ints (hashing's constants)."""
     if _native_wanted(batch):
-        return native_rows(batch, method, a, b, c, d, remaps, default, mix)
+        return _c_rows(batch, method, (a, b, c, d), remaps, default, mix)
     ids = batch.ids
     if not enabled_for(ids) or ids.dim() != 1:
         return None
@@ -266,14 +266,25 @@ def native_rows(
     torch path must run (not wanted: see ``_native_wanted``; remaps the C pass cannot read: not
     int32 CPU contiguous). Full's OOV map is PRUNED with ``c = d = num_embeddings`` and the
     default row (ids in range keep their row, the others read row ``num_embeddings``)."""
+    return _c_rows(batch, method, (a, b, c, d), remaps, default, mix) if _native_wanted(batch) else None
+
+
+def _c_rows(
+    batch: IdBatch,
+    method: int,
+    per_feature: tuple[Sequence[int] | None, ...],
+    remaps: Sequence[torch.Tensor] | None,
+    default: bool,
+    mix: tuple[int, int],
+) -> torch.Tensor | None:
+    """The C pass of ``rows`` / ``native_rows`` (``per_feature``: their ``a``..``d``), once the
+    caller has checked that it is wanted (``_native_wanted``)."""
     from tablezip.embeddings import native
 
-    if not _native_wanted(batch):
-        return None
     lib = native.library()
     assert lib is not None
     count = len(batch.counts)
-    values = tuple(None if v is None else tuple(v) for v in (a, b, c, d))
+    values = tuple(None if v is None else tuple(v) for v in per_feature)
     prepared = _prepared(method, count, values, remaps)
     if prepared is None:
         return None

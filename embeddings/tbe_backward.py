@@ -149,9 +149,17 @@ def state_for(tbe: Any) -> _State | None:
     return cached[1]
 
 
+_SHARED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
 def _shared(tbe: Any) -> bool:
-    table_map = list(getattr(tbe, "feature_table_map", []))
-    return len(set(table_map)) < len(table_map)
+    """Whether some table of the TBE is read by several slots (fixed when the TBE is built: kept,
+    not recounted on every training lookup)."""
+    shared = _SHARED.get(tbe)
+    if shared is None:
+        table_map = list(getattr(tbe, "feature_table_map", []))
+        shared = _SHARED[tbe] = len(set(table_map)) < len(table_map)
+    return shared
 
 
 def lookup(
