@@ -527,8 +527,23 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     """The collection's pooled output [batch, F * D] from the fused kernel, or None where the
     TBE path must run (not enabled: training, CPU under "auto", no Triton; or a collection the
     kernel does not cover). ``ids``/``offsets``: the ordered KJT's values and offsets."""
-    if not enabled_for(ids):
+    from tablezip.compress import fused_cpu
+
+    if torch.is_grad_enabled():
         return None
+    if not enabled_for(ids):
+        if not fused_cpu.wanted(ids, _switch.value):
+            return None
+        # On a CPU in mode "auto": the C kernel (compress/fused_cpu.py), on the training step's
+        # plan, which also covers Pruned (its C forward measured 0.55-0.85x the TBE path's time).
+        from tablezip.compress import fused_train
+
+        plan = fused_train.plan_for(collection)
+        if not fused_cpu.takes(plan):
+            return None
+        return fused_cpu.forward(
+            plan, ids.contiguous(), offsets.to(torch.int64).contiguous(), batch, len(collection.features), collection.dim
+        )
     plan = plan_for(collection)
     if plan.weights is None or plan.weights.device != ids.device:
         return None

@@ -588,7 +588,10 @@ def plan_for(collection: Any) -> Any:
     return plan
 
 
-def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
+def _build_state(collection: Any, plan: Any, key: tuple, native: bool = False) -> _TrainState | None:
+    """The step's arguments and buffers. ``native``: for the C step (compress/fused_cpu.py), which
+    keeps its rows' gradients compactly (``flags`` is then its int32 slot per row, -1 between
+    steps; no weights-sized ``grad`` buffer or row list)."""
     from tablezip.compress.compositional import CompositionalLayout
     from tablezip.compress.full import FullLayout
     from tablezip.compress.mixed_dim import MixedDimLayout
@@ -656,9 +659,9 @@ def _build_state(collection: Any, plan: Any, key: tuple) -> _TrainState | None:
     return _TrainState(
         key=key, plan=plan, optimizer=kind, state=state, tables=info, max_width=max(widths),
         max_partitions=max([len(f.partitions) for f in plan.features] + [1]), total_rows=total,
-        grad=torch.zeros(span, dtype=torch.float32, device=device),
-        flags=torch.zeros(total, dtype=torch.int32, device=device),
-        rows=torch.empty(total, dtype=torch.int64, device=device),
+        grad=torch.zeros(0 if native else span, dtype=torch.float32, device=device),
+        flags=torch.full((total,), -1 if native else 0, dtype=torch.int32, device=device),
+        rows=torch.empty(0 if native else total, dtype=torch.int64, device=device),
         count=torch.zeros(1, dtype=torch.int32, device=device),
         params={"extra": extra}, projections=projections, projection_at=projection_at, projection_elements=elements,
     )  # fmt: skip
@@ -771,28 +774,42 @@ class _FusedTrainLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, placeholder: torch.Tensor, collection: Any, state: _TrainState, ids: torch.Tensor,
-                offsets: torch.Tensor, batch: int, *projections: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                offsets: torch.Tensor, batch: int, in_c: bool, *projections: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        from tablezip.compress import fused_cpu
+
         plan = state.plan
         # The kernels read the projections in place (counted from the weights pointer): the
         # arguments only carry them through autograd.
-        out = fused_lookup.pooled_lookup(
-            ids, offsets, batch, len(collection.features), collection.dim, plan.weights, plan.features, plan.params,
-            plan.mixed, plan.remaps,
-        )  # fmt: skip
+        ranks = None
+        if in_c:
+            if fused_cpu.keeps_ranks(plan):
+                ranks = torch.empty(ids.numel(), dtype=torch.int32)
+            out = fused_cpu.forward(plan, ids, offsets, batch, len(collection.features), collection.dim, ranks)
+        else:
+            out = fused_lookup.pooled_lookup(
+                ids, offsets, batch, len(collection.features), collection.dim, plan.weights, plan.features,
+                plan.params, plan.mixed, plan.remaps,
+            )  # fmt: skip
         ctx.save_for_backward(ids, offsets)
-        ctx.collection, ctx.state, ctx.batch = collection, state, batch
+        ctx.collection, ctx.state, ctx.batch, ctx.in_c, ctx.ranks = collection, state, batch, in_c, ranks
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ids, offsets = ctx.saved_tensors
         collection, state = ctx.collection, ctx.state
-        flat = backward_step(state, collection.tbe, ids, offsets, grad_out, ctx.batch, collection.dim)
+        if ctx.in_c:
+            from tablezip.compress import fused_cpu
+
+            flat = fused_cpu.backward_step(state, collection.tbe, ids, offsets, grad_out, ctx.batch, collection.dim, ctx.ranks)
+            ctx.ranks = None
+        else:
+            flat = backward_step(state, collection.tbe, ids, offsets, grad_out, ctx.batch, collection.dim)
         grads = tuple(
-            flat[at : at + p.numel()].view_as(p) if flat is not None and ctx.needs_input_grad[6 + i] else None
+            flat[at : at + p.numel()].view_as(p) if flat is not None and ctx.needs_input_grad[7 + i] else None
             for i, (p, at) in enumerate(zip(state.projections, state.projection_at))
         )
-        return (None, None, None, None, None, None) + grads
+        return (None, None, None, None, None, None, None) + grads
 
 
 def _advance_iter(tbe: Any, kind: int) -> None:
@@ -819,17 +836,26 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     """The collection's pooled output [batch, F * D] whose backward is the fused training step, or
     None where the TBE path must run (see the module docstring). ``ids``/``offsets``: the
     ordered KJT's values and offsets."""
-    if batch == 0 or ids.numel() == 0 or not enabled_for(ids):
+    from tablezip.compress import fused_cpu
+
+    if batch == 0 or ids.numel() == 0 or not torch.is_grad_enabled():
+        return None
+    in_c = not enabled_for(ids)  # on a CPU in mode "auto": the C step (compress/fused_cpu.py)
+    if in_c and not fused_cpu.wanted(ids, _switch.value):
         return None
     placeholder = getattr(collection.tbe, "placeholder_autograd_tensor", None)
     if not isinstance(placeholder, torch.Tensor) or not placeholder.requires_grad:
         return None
-    if _switch.value == "auto" and not auto_wants(plan_for(collection)):
-        return None  # before state_for: a skipped collection never allocates the step's buffers
-    state = state_for(collection)
+    # Checked before the state: a skipped collection never allocates the step's buffers.
+    if in_c and not fused_cpu.takes(plan_for(collection)):
+        return None
+    if not in_c and _switch.value == "auto" and not auto_wants(plan_for(collection)):
+        return None
+    state = fused_cpu.state_for(collection) if in_c else state_for(collection)
     if state is None or state.plan.weights.device != ids.device:
         return None
     _advance_iter(collection.tbe, state.optimizer)
     return _FusedTrainLookup.apply(
-        placeholder, collection, state, ids.contiguous(), offsets.to(torch.int64).contiguous(), batch, *state.projections
-    )
+        placeholder, collection, state, ids.contiguous(), offsets.to(torch.int64).contiguous(), batch, in_c,
+        *state.projections,
+    )  # fmt: skip

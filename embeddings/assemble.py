@@ -25,7 +25,6 @@ rounding, tested with a tolerance.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +33,7 @@ import torch
 from . import native
 from .features import Pooling
 from .registry import CombineForm, FeatureLayout
+from .spare import SpareOutput
 
 if TYPE_CHECKING:
     from .collection import EmbeddingBagLookup
@@ -99,8 +99,7 @@ class AssemblePlan:
         # faults, ~80 ms of a ~300 ms forward, paid by whichever op writes a column block first.
         # False: a fresh tensor per call (the "before" of that change in benchmarks/NOTES.md).
         self.reuse_out = True
-        self._spare: torch.UntypedStorage | None = None
-        self._spare_lock = threading.Lock()
+        self._spare = SpareOutput()
         # True: runs of identity ops (no MEAN) whose slots are adjacent in TBE's output and whose
         # vectors are adjacent in the output are one copy of the run's columns, forward and
         # backward (a unified or Full-heavy collection: 26 [B, D] copies become a few wide ones,
@@ -167,17 +166,6 @@ class AssemblePlan:
             and native.library() is not None
         )
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled / deep-copied without the kept output (a cache) and its lock (not picklable)."""
-        state = dict(self.__dict__)
-        state["_spare"] = None
-        del state["_spare_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._spare_lock = threading.Lock()
-
     def order_index(self, device: torch.device) -> torch.Tensor:
         """``order`` as an int64 tensor on ``device`` (built once per device)."""
         index = self._order_index.get(device)
@@ -187,27 +175,12 @@ class AssemblePlan:
         return index
 
     def output(self, like: torch.Tensor, batch: int) -> torch.Tensor:
-        """A [batch, F*D] tensor for the forward to fill: the kept memory of an earlier output when
-        ``reuse_out`` and nothing references that memory any more, else a new tensor (kept for
-        the next call).
-
-        Safe because the check counts every holder: each tensor or view of the memory, a tensor
-        autograd saved for a backward (a later layer's input), a numpy array over it, all hold a
-        reference to its storage, so the count is 1 (our own reference) only once all of them are
-        gone; then nobody can read what the next forward writes. Under a lock, so two threads
-        never take the same memory. Costs one output's memory between calls. CPU only: CUDA's
-        caching allocator already reuses memory (and tracks the streams that use it)."""
+        """A [batch, F*D] tensor for the forward to fill: with ``reuse_out``, the kept memory of an
+        earlier output once nothing references it (embeddings/spare.py), else a new tensor."""
         cols = len(self.ops) * self.dim
-        if not self.reuse_out or like.device.type != "cpu":
+        if not self.reuse_out:
             return like.new_empty(batch, cols)
-        need = batch * cols * like.element_size()
-        with self._spare_lock:
-            spare = self._spare
-            if spare is not None and spare.nbytes() >= need and _sole_owner(spare) and spare.device == like.device:
-                return like.new_empty(0).set_(spare, 0, (batch, cols), (cols, 1))
-            out = like.new_empty(batch, cols)
-            self._spare = out.untyped_storage() if _USE_COUNT is not None else None
-            return out
+        return self._spare.new(like, batch, cols)
 
     def weights(self) -> list[torch.Tensor]:
         """The current projection weights, in op order (read each forward: ``load_state_dict`` and
@@ -335,16 +308,6 @@ def _op_runs(ops: list[_Op], dim: int) -> list[_Run]:
         members.append(i)
     close()
     return runs
-
-
-def _sole_owner(storage: torch.UntypedStorage) -> bool:
-    """Whether ``storage`` (the Python object the plan keeps) is the only reference to its memory:
-    no tensor, view or other storage object uses it. False where torch lacks the counter."""
-    return _USE_COUNT is not None and _USE_COUNT(storage._cdata) == 1
-
-
-# torch's count of the references to a storage's memory (private; None where a torch lacks it).
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _fits(form: CombineForm, cols: tuple[tuple[int, int], ...], dim: int) -> bool:

@@ -375,7 +375,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_native_version(void) { return 7; }
+int64_t tz_native_version(void) { return 8; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -632,4 +632,383 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col
     }
     free(gbuf);
     return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The fused lookup and training step on a CPU (compress/fused_cpu.py): the plans of
+ * compress/fused_lookup.py / fused_train.py (Full, QR / KWay, MultiHash, MixedDim, Pruned as
+ * D-wide blocks), run by C instead of Triton. Why: the TBE path of QR / KWay writes every partition's
+ * pooled rows ([B, 39 x D] floats at 26 features), which the assemble then reads back and multiplies;
+ * at B=4096, D=64 that output is 41 MB, fresh pages each call (~10k page faults, most of QR's 28 ms
+ * forward against Full's 6.8 ms). Here each bag's rows are read from the tables in place, combined
+ * and pooled in registers and written once into the [B, F x D] output; the backward forms each row's
+ * gradient from the same rows and updates the touched rows once, as tz_tbe_backward does.
+ *
+ * Program: one record per feature, at rec_start[i]:
+ *   parts (kind 0): kind, feature, n, mean, op, K, width, then K x (stride or probe seed, radix,
+ *                   table element offset, first linear row, table index);
+ *   mixed (kind 1): kind, feature, n, mean, remap element offset (-1: none), NB, then NB x (first
+ *                   rank, rows, table element offset, width, projected (0: the row is D wide),
+ *                   projection element offset (may be negative), first linear row, table index,
+ *                   projection-gradient offset).
+ * ops: 0 mult, 1 add, 2 concat, 3 multihash (fused_lookup.OPS). Table and projection offsets count
+ * floats from `weights`; remap offsets count int32s from `remaps`. */
+enum { FU_MULT = 0, FU_ADD = 1, FU_CONCAT = 2, FU_MULTIHASH = 3 };
+#define PARTS_HEADER 7
+#define PART_FIELDS 5
+#define MIXED_HEADER 6
+#define BLOCK_FIELDS 9
+
+typedef struct {
+    const int64_t *ids, *offsets, *prog, *rec_start;
+    int64_t batch, nrec, dim, out_stride;
+    float *out;
+    const float *weights;
+    const int32_t *remaps;
+    int32_t *ranks;        /* per id: its MixedDim rank (room for every id; kept for the backward) */
+    uint64_t mix1, mix2;
+    int64_t max_width;
+    int64_t bag_begin, bag_end;
+    int status;
+} fused_job_t;
+
+/* Row of partition (multihash: probe) j of an OOV-mapped id: fused_lookup's partition_row. */
+INL int64_t fu_digit(const int64_t id, const int64_t *part, const int64_t j, const int64_t op, const uint64_t mix1,
+                     const uint64_t mix2) {
+    if (op == FU_MULTIHASH) {
+        uint64_t z = (uint64_t)(id ^ part[0]);
+        z = (z ^ (z >> 30)) * mix1;
+        z = (z ^ (z >> 27)) * mix2;
+        z = z ^ (z >> 31);
+        return (int64_t)((z >> 1) % (uint64_t)part[1]);
+    }
+    const int64_t q = id / part[0];
+    return j > 0 ? q % part[1] : q;
+}
+
+/* Rank of an id in a mixed record (fused_lookup's mixed_ranks): OOV map, then the remap. */
+INL int64_t fu_rank(const int64_t *rec, const int64_t id, const int32_t *remaps) {
+    const int64_t n = rec[2];
+    const int64_t oov = (id >= 0 && id < n) ? id : n;
+    return rec[4] >= 0 ? (int64_t)remaps[rec[4] + oov] : oov;
+}
+
+/* A remap value no layout writes (ranks are in [0, n], Pruned's dropped ids -1): a corrupted
+ * remap, refused rather than read as "dropped". */
+INL int fu_bad_rank(const int64_t *rec, const int64_t rank) { return rank < -1 || rank > rec[2]; }
+
+INL void fu_parts_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, float *acc, const int64_t D) {
+    const int64_t f = rec[1], n = rec[2], op = rec[4], K = rec[5], W = rec[6];
+    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
+    vfill(acc, 0.0f, D);
+    for (int64_t p = lo; p < hi; p++) {
+        int64_t id = job->ids[p];
+        if (op != FU_MULTIHASH) id = (id >= 0 && id < n) ? id : n;
+        const int64_t *part = rec + PARTS_HEADER;
+        const float *r0 = job->weights + part[2] + fu_digit(id, part, 0, op, job->mix1, job->mix2) * W;
+        if (op == FU_CONCAT) {
+            vadd(acc, acc, r0, W);
+            for (int64_t j = 1; j < K; j++) {
+                const int64_t *pj = part + PART_FIELDS * j;
+                const float *r = job->weights + pj[2] + fu_digit(id, pj, j, op, job->mix1, job->mix2) * W;
+                vadd(acc + j * W, acc + j * W, r, W);
+            }
+            continue;
+        }
+        if (K == 1) {
+            vadd(acc, acc, r0, D);
+            continue;
+        }
+        /* vector of the id: parts combined left to right (CompositionalLayout.combine), then added */
+        float v[D];
+        const int64_t *p1 = part + PART_FIELDS;
+        const float *r1 = job->weights + p1[2] + fu_digit(id, p1, 1, op, job->mix1, job->mix2) * W;
+        if (op == FU_MULT) vmul(v, r0, r1, D); else vadd(v, r0, r1, D);
+        for (int64_t j = 2; j < K; j++) {
+            const int64_t *pj = part + PART_FIELDS * j;
+            const float *r = job->weights + pj[2] + fu_digit(id, pj, j, op, job->mix1, job->mix2) * W;
+            if (op == FU_MULT) vmul(v, v, r, D); else vadd(v, v, r, D);
+        }
+        vadd(acc, acc, v, D);
+    }
+    if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
+}
+
+/* pooled: room for NB x max_width floats (each projected block's bag sum, projected once per bag,
+ * as the TBE path pools per block before its projection). */
+INL void fu_mixed_forward(fused_job_t *job, const int64_t *rec, const int64_t b, float *acc, float *pooled,
+                          const int64_t D) {
+    const int64_t f = rec[1], NB = rec[5], MW = job->max_width;
+    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
+    unsigned used = 0; /* projected blocks hit in this bag (NB <= 32, checked by the caller) */
+    vfill(acc, 0.0f, D);
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t rank = job->ranks[p]; /* gathered by fu_gather_ranks */
+        for (int64_t k = 0; k < NB; k++) {
+            const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+            const int64_t local = rank - blk[0];
+            if (local < 0 || local >= blk[1]) continue;
+            const int64_t w = blk[3];
+            const float *row = job->weights + blk[2] + local * w;
+            if (!blk[4]) {
+                vadd(acc, acc, row, D);
+            } else {
+                float *pk = pooled + k * MW;
+                if (!(used & (1u << k))) {
+                    used |= 1u << k;
+                    vcopy(pk, row, w);
+                } else {
+                    for (int64_t c = 0; c < w; c++) pk[c] += row[c];
+                }
+            }
+        }
+    }
+    for (int64_t k = 0; used && k < NB; k++) {
+        if (!(used & (1u << k))) continue;
+        const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+        const float *pt = job->weights + blk[5]; /* P_k^T: [w, D] */
+        const float *pk = pooled + k * MW;
+        for (int64_t c = 0; c < blk[3]; c++) vaxpy(acc, pk[c], pt + c * D, D);
+    }
+    if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
+}
+
+/* The ranks of a mixed record's ids in the thread's bags, before any row is read: a tight loop of
+ * independent gathers keeps many remap cache misses in flight (interleaved with each bag's rows and
+ * projection, MixedDim's forward measured 1.2x the TBE path's, whose row pass is such a loop).
+ * Returns 0, or 2 for a remap value no layout writes. */
+static int fu_gather_ranks(fused_job_t *job, const int64_t *rec) {
+    const int64_t f = rec[1];
+    const int64_t lo = job->offsets[f * job->batch + job->bag_begin], hi = job->offsets[f * job->batch + job->bag_end];
+    int bad = 0;
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t rank = fu_rank(rec, job->ids[p], job->remaps);
+        bad |= fu_bad_rank(rec, rank);
+        job->ranks[p] = (int32_t)rank;
+    }
+    return bad ? 2 : 0;
+}
+
+static void *run_fused_forward(void *arg) {
+    fused_job_t *job = (fused_job_t *)arg;
+    const int64_t D = job->dim;
+    float *pooled = (float *)malloc((size_t)(32 * job->max_width + 1) * sizeof(float));
+    if (!pooled) {
+        job->status = 1;
+        return NULL;
+    }
+    /* Feature-major within the thread's bags: one feature's tables stay in cache across its bags. */
+    for (int64_t i = 0; i < job->nrec && !job->status; i++) {
+        const int64_t *rec = job->prog + job->rec_start[i];
+        float *out = job->out + rec[1] * D;
+        for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
+            float *acc = out + b * job->out_stride;
+            if (rec[0] == 0) {
+                PER_D(fu_parts_forward(job, rec, b, acc, DC))
+            } else {
+                if (b == job->bag_begin && (job->status = fu_gather_ranks(job, rec))) break;
+                PER_D(fu_mixed_forward(job, rec, b, acc, pooled, DC))
+            }
+        }
+    }
+    free(pooled);
+    return NULL;
+}
+
+/* The pooled [batch, F x dim] output of the program's features (other columns untouched).
+ * ranks: one int32 per id, where the mixed records' ranks are written (NULL only without mixed
+ * records); the backward reads them instead of gathering the remaps again (random reads into
+ * tables of millions of ints: the largest cost of MixedDim's step when gathered twice). 
+ * Returns the threads used, -1 (out of memory) or -2 (a remap value outside [-1, n]). */
+int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, float *out, int64_t out_stride,
+                     int64_t dim, const float *weights, const int32_t *remaps, int32_t *ranks, const int64_t *prog,
+                     const int64_t *rec_start, int64_t nrec, int64_t max_width, uint64_t mix1, uint64_t mix2,
+                     int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (batch < (int64_t)threads * 64) threads = 1;
+    fused_job_t jobs[64];
+    pthread_t tid[64];
+    int started[64] = {0};
+    const int64_t per = (batch + threads - 1) / threads;
+    for (int t = 0; t < threads; t++) {
+        fused_job_t *j = &jobs[t];
+        memset(j, 0, sizeof *j);
+        j->ids = ids; j->offsets = offsets; j->prog = prog; j->rec_start = rec_start; j->batch = batch;
+        j->nrec = nrec; j->dim = dim; j->out_stride = out_stride; j->out = out; j->weights = weights;
+        j->remaps = remaps; j->ranks = ranks; j->mix1 = mix1; j->mix2 = mix2; j->max_width = max_width;
+        j->bag_begin = t * per < batch ? t * per : batch;
+        j->bag_end = (t + 1) * per < batch ? (t + 1) * per : batch;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, run_fused_forward, &jobs[t]) == 0;
+    run_fused_forward(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL); else run_fused_forward(&jobs[t]);
+        status |= jobs[t].status;
+    }
+    return status & 2 ? -2 : status ? -1 : threads;
+}
+
+/* fbgemm's update of one row with its summed gradient g (the formulas of tz_tbe_backward). */
+INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
+                   const float eps) {
+    if (optimizer == 0) {
+        float sum = 0.0f;
+        for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
+        *m += sum / (float)W;
+        const float step = lr / (sqrtf(*m) + eps);
+        for (int64_t d = 0; d < W; d++) w[d] -= step * g[d];
+    } else if (optimizer == 1) {
+        for (int64_t d = 0; d < W; d++) {
+            m[d] += g[d] * g[d];
+            w[d] -= lr * g[d] / (sqrtf(m[d]) + eps);
+        }
+    } else {
+        for (int64_t d = 0; d < W; d++) w[d] -= lr * g[d];
+    }
+}
+
+typedef struct {
+    int32_t *slot;     /* per linear row: its accumulator, -1 when untouched this step */
+    int64_t *touched;  /* per accumulator: linear row, table index */
+    float *acc;        /* per accumulator: max_width floats */
+    int64_t n, cap, max_width;
+} fu_rows_t;
+
+/* The accumulator of a row (first touch: takes the next one, zeroed); NULL when full. */
+INL float *fu_row(fu_rows_t *rs, const int64_t lin, const int64_t table, const int64_t W) {
+    int32_t s = rs->slot[lin];
+    if (s < 0) {
+        if (rs->n >= rs->cap) return NULL;
+        s = (int32_t)rs->n++;
+        rs->slot[lin] = s;
+        rs->touched[2 * s] = lin;
+        rs->touched[2 * s + 1] = table;
+        float *a = rs->acc + (int64_t)s * rs->max_width;
+        vfill(a, 0.0f, W);
+        return a;
+    }
+    return rs->acc + (int64_t)s * rs->max_width;
+}
+
+/* The backward of the program's features and the optimizer step of every row they touched, in place.
+ * ranks: the forward's MixedDim ranks (NULL: gathered again).
+ * g: the output's gradient (any strides). tables: [T, 4] (weights offset, width, first linear row,
+ * state offset). proj_grad: the projections' gradients (zeroed; offsets from the records), or NULL.
+ * Rows are read before any is updated. Returns the rows updated, -1 (out of memory) or -2 (a row
+ * outside its table: nothing updated). */
+int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t batch, const float *g, int64_t g_stride0,
+                          int64_t g_stride1, int64_t dim, float *weights, float *state, const int32_t *remaps,
+                          const int32_t *ranks,
+                          const int64_t *prog, const int64_t *rec_start, int64_t nrec, const int64_t *tables,
+                          int32_t *slot, int64_t *touched, float *acc, int64_t cap, int64_t max_width,
+                          float *proj_grad, int64_t optimizer, float lr, float eps, uint64_t mix1, uint64_t mix2) {
+    const int64_t D = dim;
+    fu_rows_t rs = {slot, touched, acc, 0, cap, max_width};
+    const int64_t room = D > max_width ? D : max_width;
+    /* gb: the bag's gradient (D); part_grad (room); per MixedDim block (at most 32): its rows'
+     * gradient P_k^T g and its pooled rows (room each). */
+    float *gb = (float *)malloc((size_t)(D + room + 64 * room) * sizeof(float));
+    if (!gb) return -1;
+    float *part_grad = gb + D, *proj_rows = part_grad + room, *pooled = proj_rows + 32 * room;
+    int64_t status = 0;
+    for (int64_t i = 0; i < nrec && !status; i++) {
+        const int64_t *rec = prog + rec_start[i];
+        const int64_t f = rec[1], n = rec[2], mean = rec[3];
+        for (int64_t b = 0; b < batch && !status; b++) {
+            const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
+            if (lo == hi) continue;
+            const float *src = g + b * g_stride0 + f * D * g_stride1;
+            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
+            if (rec[0] == 0) {
+                const int64_t op = rec[4], K = rec[5], W = rec[6];
+                const int64_t *part = rec + PARTS_HEADER;
+                for (int64_t p = lo; p < hi && !status; p++) {
+                    int64_t id = ids[p];
+                    if (op != FU_MULTIHASH) id = (id >= 0 && id < n) ? id : n;
+                    int64_t digit[16];
+                    const float *r[16];
+                    for (int64_t j = 0; j < K; j++) {
+                        const int64_t *pj = part + PART_FIELDS * j;
+                        digit[j] = fu_digit(id, pj, j, op, mix1, mix2);
+                        if (digit[j] < 0 || digit[j] >= pj[1]) { status = -2; break; }
+                        r[j] = weights + pj[2] + digit[j] * W;
+                    }
+                    for (int64_t j = 0; j < K && !status; j++) {
+                        const int64_t *pj = part + PART_FIELDS * j;
+                        float *a = fu_row(&rs, pj[3] + digit[j], pj[4], W);
+                        if (!a) { status = -1; break; }
+                        if (op == FU_CONCAT) {
+                            vadd(a, a, gb + j * W, W);
+                        } else if (op == FU_MULT && K > 1) {
+                            /* the gradient times the other parts, in their order */
+                            int first = 1;
+                            for (int64_t o = 0; o < K; o++) {
+                                if (o == j) continue;
+                                vmul(part_grad, first ? gb : part_grad, r[o], W);
+                                first = 0;
+                            }
+                            vadd(a, a, part_grad, W);
+                        } else {
+                            vadd(a, a, gb, W);
+                        }
+                    }
+                }
+            } else {
+                const int64_t NB = rec[5];
+                unsigned used = 0;
+                for (int64_t p = lo; p < hi && !status; p++) {
+                    const int64_t rank = ranks ? (int64_t)ranks[p] : fu_rank(rec, ids[p], remaps);
+                    if (fu_bad_rank(rec, rank)) { status = -2; break; }
+                    for (int64_t k = 0; k < NB; k++) {
+                        const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+                        const int64_t local = rank - blk[0];
+                        if (local < 0 || local >= blk[1]) continue;
+                        const int64_t w = blk[3];
+                        float *a = fu_row(&rs, blk[6] + local, blk[7], w);
+                        if (!a) { status = -1; break; }
+                        if (!blk[4]) {
+                            vadd(a, a, gb, D);
+                            continue;
+                        }
+                        const float *pt = weights + blk[5]; /* P_k^T [w, D]: the row's gradient is P_k^T g */
+                        float *rg = proj_rows + k * room, *pk = pooled + k * room;
+                        const float *row = weights + blk[2] + local * w;
+                        if (!(used & (1u << k))) {
+                            used |= 1u << k;
+                            for (int64_t c = 0; c < w; c++) rg[c] = vdot(pt + c * D, gb, D);
+                            vcopy(pk, row, w);
+                        } else {
+                            for (int64_t c = 0; c < w; c++) pk[c] += row[c];
+                        }
+                        for (int64_t c = 0; c < w; c++) a[c] += rg[c];
+                    }
+                }
+                /* dL/dP_k^T = pooled_k^T g, summed over bags */
+                for (int64_t k = 0; used && proj_grad && k < NB; k++) {
+                    if (!(used & (1u << k))) continue;
+                    const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+                    float *pg = proj_grad + blk[8];
+                    const float *pk = pooled + k * room;
+                    for (int64_t c = 0; c < blk[3]; c++) vaxpy(pg + c * D, pk[c], gb, D);
+                }
+            }
+        }
+    }
+    free(gb);
+    if (status) {
+        for (int64_t s = 0; s < rs.n; s++) slot[touched[2 * s]] = -1;
+        return status;
+    }
+    for (int64_t s = 0; s < rs.n; s++) {
+        const int64_t lin = touched[2 * s];
+        const int64_t *t = tables + 4 * touched[2 * s + 1];
+        const int64_t W = t[1], row = lin - t[2];
+        float *m = optimizer == 0 ? state + t[3] + row : optimizer == 1 ? state + t[3] + row * W : NULL;
+        fu_update(weights + t[0] + row * W, m, acc + s * max_width, W, optimizer, lr, eps);
+        slot[lin] = -1;
+    }
+    return rs.n;
 }

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # call into libm.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
-VERSION = 7  # tz_native_version() of the source this module declares
+VERSION = 8  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()
@@ -134,6 +134,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tz_tbe_backward.argtypes = [
         _f32p, _i64, _i64, _i64p, _i64p, _f32p, _i64, _i64, _i64p, _f32p, _f32p, ctypes.c_void_p, _i64p, _f32p, _i64,
         _i64, ctypes.c_float, ctypes.c_float,
+    ]
+    lib.tz_fused_forward.restype = _int
+    lib.tz_fused_forward.argtypes = [
+        _i64p, _i64p, _i64, _f32p, _i64, _i64, _f32p, ctypes.c_void_p, ctypes.c_void_p, _i64p, _i64p, _i64, _i64, ctypes.c_uint64,
+        ctypes.c_uint64, _int,
+    ]
+    lib.tz_fused_backward.restype = _i64
+    lib.tz_fused_backward.argtypes = [
+        _i64p, _i64p, _i64, _f32p, _i64, _i64, _i64, _f32p, _f32p, ctypes.c_void_p, ctypes.c_void_p, _i64p, _i64p,
+        _i64, _i64p,
+        ctypes.c_void_p, _i64p, _f32p, _i64, _i64, ctypes.c_void_p, _i64, ctypes.c_float, ctypes.c_float,
+        ctypes.c_uint64, ctypes.c_uint64,
     ]
     lib.tz_assemble_forward.restype = _int
     lib.tz_assemble_forward.argtypes = [

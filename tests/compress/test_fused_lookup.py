@@ -19,9 +19,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import numpy as np
 
-from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, fused_lookup
+from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, fused_cpu, fused_lookup, fused_train
 from tablezip.compress.hashing import MIX
-from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
 from tests.conftest import random_kjt
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -40,14 +40,24 @@ METHODS = {
 NAMES = [f.name for f in FEATURES]
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """The kernel under Triton's interpreter, built fresh for the test and dropped after it."""
+@pytest.fixture(params=["triton", "c"])
+def kernel(request, monkeypatch):
+    """Each backend of the fused lookup on a CPU: "triton", the kernel under Triton's interpreter
+    (built fresh for the test and dropped after it; skipped without Triton), and "c", the compiled
+    C kernel of compress/fused_cpu.py (mode "auto" of fused_lookup; skipped without a compiler)."""
+    if request.param == "c":
+        if native.library() is None:
+            pytest.skip("the compiled CPU kernels could not be built")
+        with fused_cpu.mode("on"):
+            yield request.param
+        return
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (CI: the C kernel and the TBE path)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fused_lookup._kernel.cache_clear()
     fused_lookup._mixed_kernel.cache_clear()
     with fused_lookup.mode("on"):
-        yield
+        yield request.param
     fused_lookup._kernel.cache_clear()
     fused_lookup._mixed_kernel.cache_clear()
 
@@ -68,9 +78,10 @@ def both(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> tupl
         return reference, coll(kjt).values()
 
 
-def count_calls(monkeypatch, module, name: str) -> list[int]:
-    """Wrap ``module.name`` so each call appends 1 to the returned list (the real function runs)."""
-    calls: list[int] = []
+def count_calls(monkeypatch, module, name: str, calls: list[int] | None = None) -> list[int]:
+    """Wrap ``module.name`` so each call appends 1 to the returned list (``calls`` if given; the
+    real function runs)."""
+    calls = [] if calls is None else calls
     real = getattr(module, name)
 
     def counting(*args, **kwargs):
@@ -82,23 +93,36 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
 
 
 def spy(monkeypatch) -> list[int]:
-    """Count the calls of ``pooled_lookup`` (the kernel's launcher)."""
-    return count_calls(monkeypatch, fused_lookup, "pooled_lookup")
+    """Count the fused lookups: ``pooled_lookup`` (the Triton kernel's launcher) and
+    ``fused_cpu.forward`` (the C kernel's)."""
+    return count_calls(monkeypatch, fused_cpu, "forward", count_calls(monkeypatch, fused_lookup, "pooled_lookup"))
 
 
 # -- without Triton too ------------------------------------------------------------------
-def test_switches_keep_the_tbe_path_on_cpu_in_training_and_when_off(monkeypatch):
+def test_cpu_modes_pick_the_path(monkeypatch):
+    """On a CPU, inference in fused_lookup "auto" takes the C kernel (fused_cpu "auto" or "on"),
+    the TBE path with fused_cpu "off"; fused_lookup "off" is the TBE path; training is not this
+    module's (fused_train's)."""
     coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS)
-    calls = spy(monkeypatch)
+    triton_calls = count_calls(monkeypatch, fused_lookup, "pooled_lookup")
+    c_calls = count_calls(monkeypatch, fused_cpu, "forward")
     kjt = one_id_kjt(NAMES, 8, 0)
-    assert fused_lookup.current_mode() == "auto"
-    with torch.no_grad():
-        coll(kjt)  # auto: CPU ids stay on the TBE path
-    with fused_lookup.mode("on"):
-        coll(kjt).values().sum().backward()  # training: TBE path (its fused backward)
+    assert fused_lookup.current_mode() == "auto" and fused_cpu.current_mode() == "auto"
+    with fused_train.mode("off"):
+        coll(kjt).values().sum().backward()  # training, on the TBE path
+    assert c_calls == []
+    with torch.no_grad(), fused_cpu.mode("off"):
+        reference = coll(kjt).values()
+    assert c_calls == []
     with fused_lookup.mode("off"), torch.no_grad():
         coll(kjt)
-    assert calls == []
+    assert c_calls == []
+    if native.library() is not None:
+        with torch.no_grad():
+            out = coll(kjt).values()  # the defaults: the C kernel
+        assert len(c_calls) == 1
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    assert triton_calls == []
     with pytest.raises(ValueError, match="mode must be"):
         with fused_lookup.mode("gpu"):
             pass
@@ -110,8 +134,7 @@ def test_strides_are_the_mixed_radix_divisors():
 
 
 # -- the kernel (Triton's interpreter on a CPU) -----------------------------------------
-@needs_triton
-def test_one_id_bags_are_bit_identical_for_every_op(interpreted, monkeypatch):
+def test_one_id_bags_are_bit_identical_for_every_op(kernel, monkeypatch):
     """mult (2, 3 and 4 partitions), add, concat and Full, sum and mean, ids out of range."""
     calls = spy(monkeypatch)
     coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, seed=1)
@@ -134,13 +157,11 @@ def assert_longer_and_empty_bags_allclose(features, names, methods, seed: int, k
         assert torch.all(fused[empty[f], f * DIM : (f + 1) * DIM] == 0)
 
 
-@needs_triton
-def test_longer_and_empty_bags_are_allclose(interpreted):
+def test_longer_and_empty_bags_are_allclose(kernel):
     assert_longer_and_empty_bags_allclose(FEATURES, NAMES, METHODS, seed=2, kjt_seed=3)
 
 
-@needs_triton
-def test_inference_mode_and_trained_tables_are_read_live(interpreted):
+def test_inference_mode_and_trained_tables_are_read_live(kernel):
     """The kernel reads the TBE's storage in place: after training steps (TBE path) and after
     ``load_state_dict`` its output follows the new weights."""
     coll = CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, optimizer=TableOptimizer(lr=0.5), seed=3)
@@ -155,8 +176,7 @@ def test_inference_mode_and_trained_tables_are_read_live(interpreted):
     assert torch.equal(both(twin, kjt)[1], reference)
 
 
-@needs_triton
-def test_collections_the_kernel_does_not_cover_take_the_tbe_path(interpreted, monkeypatch):
+def test_collections_the_kernel_does_not_cover_take_the_tbe_path(kernel, monkeypatch):
     calls = spy(monkeypatch)
     kjt = one_id_kjt(NAMES[:2], 8, 6)
     for methods in ({"full": Full(), "qr": Hash(rows=40)}, {"full": Full(), "qr": Full()}):
@@ -190,8 +210,7 @@ def test_kernel_hash_constants_are_hashing_s():
     assert fused_lookup._MIX == MIX
 
 
-@needs_triton
-def test_multihash_one_id_bags_are_bit_identical(interpreted, monkeypatch):
+def test_multihash_one_id_bags_are_bit_identical(kernel, monkeypatch):
     """Folded TBE bags add the probe rows from 0 in probe order; the kernel does the same, and
     hashes every int64 id (extremes and negatives included) to the torch rows."""
     calls = spy(monkeypatch)
@@ -204,8 +223,7 @@ def test_multihash_one_id_bags_are_bit_identical(interpreted, monkeypatch):
     assert len(calls) == 4
 
 
-@needs_triton
-def test_multihash_longer_and_empty_bags_are_allclose(interpreted):
+def test_multihash_longer_and_empty_bags_are_allclose(kernel):
     assert_longer_and_empty_bags_allclose(MH_FEATURES, MH_NAMES, MH_METHODS, seed=5, kjt_seed=6)
 
 
@@ -235,8 +253,7 @@ def _md_collection(seed: int) -> CompressedEmbeddingBagCollection:
     return coll
 
 
-@needs_triton
-def test_mixed_dim_one_id_bags_match(interpreted, monkeypatch):
+def test_mixed_dim_one_id_bags_match(kernel, monkeypatch):
     """Ids of D-wide blocks and Full are bit-identical (the row itself, plus exact zeros); ids of
     projected blocks allclose; dropped ids (keep) and OOV ids read what the TBE path reads."""
     calls = spy(monkeypatch)
@@ -253,8 +270,7 @@ def test_mixed_dim_one_id_bags_match(interpreted, monkeypatch):
     assert len(calls) == 2
 
 
-@needs_triton
-def test_mixed_dim_dropped_ids_read_zero(interpreted):
+def test_mixed_dim_dropped_ids_read_zero(kernel):
     coll = _md_collection(7)
     values = torch.tensor([0, 999, 1000, 2999, 5000, -1])  # md_keep: kept, kept, dropped x2, OOV x2
     kjt = KeyedJaggedTensor(keys=MD_NAMES, values=values.repeat(len(MD_NAMES)), lengths=torch.ones(6 * len(MD_NAMES), dtype=torch.long))
@@ -265,8 +281,7 @@ def test_mixed_dim_dropped_ids_read_zero(interpreted):
     torch.testing.assert_close(fused, reference, **MD_TOL)
 
 
-@needs_triton
-def test_mixed_dim_longer_bags_trained_projections_and_loads(interpreted, monkeypatch):
+def test_mixed_dim_longer_bags_trained_projections_and_loads(kernel, monkeypatch):
     """Bags of 0-6 ids allclose; the projections are read in place (after training steps of the
     TBE path and after ``load_state_dict``), and a moved parameter rebuilds the plan."""
     calls = spy(monkeypatch)
@@ -277,7 +292,8 @@ def test_mixed_dim_longer_bags_trained_projections_and_loads(interpreted, monkey
     torch.testing.assert_close(fused, reference, **MD_TOL)
     optimizer = torch.optim.SGD([p for n, p in coll.named_parameters() if "projections" in n], lr=0.5)
     for _ in range(2):
-        coll(random_kjt(MD_NAMES, 16, 6000, seed=10)).values().pow(2).sum().backward()
+        with fused_train.mode("off"):  # the TBE path's training (the C step is fused_train's test)
+            coll(random_kjt(MD_NAMES, 16, 6000, seed=10)).values().pow(2).sum().backward()
         optimizer.step()
     reference, fused = both(coll, kjt)
     torch.testing.assert_close(fused, reference, **MD_TOL)

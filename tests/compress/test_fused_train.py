@@ -17,9 +17,9 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_lookup, fused_train
+from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_cpu, fused_lookup, fused_train
 from tablezip.compress.pruned import remap_for
-from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
 from tests.compress.test_fused_lookup import count_calls
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -46,7 +46,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """The kernels under Triton's interpreter, built fresh for the test and dropped after it."""
+    """The Triton kernels under Triton's interpreter, built fresh for the test and dropped after it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for cached in (fused_lookup._kernel, fused_lookup._mixed_kernel, fused_train._kernels):
         cached.cache_clear()
@@ -56,9 +56,47 @@ def interpreted(monkeypatch):
         cached.cache_clear()
 
 
+class Backend:
+    """What a test asks of a backend of the fused step: its training state and whether the state's
+    buffers are clean between steps (every touched row's mark undone)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def state_for(self, collection):
+        return fused_cpu.state_for(collection) if self.name == "c" else fused_train.state_for(collection)
+
+    def clean(self, state) -> bool:
+        if self.name == "c":  # an int32 slot per row, -1 between steps
+            return bool((state.flags == -1).all())
+        return int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+
+
+@pytest.fixture(params=["triton", "c"])
+def kernel(request, monkeypatch):
+    """Each backend of the fused step on a CPU: "triton" (the kernels under Triton's interpreter,
+    fused_train mode "on"; skipped without Triton) and "c" (compress/fused_cpu.py, fused_train
+    mode "auto"; skipped without a compiler)."""
+    if request.param == "c":
+        if native.library() is None:
+            pytest.skip("the compiled CPU kernels could not be built")
+        with fused_cpu.mode("on"):
+            yield Backend("c")
+        return
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (CI: the C step and the TBE path)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for cached in (fused_lookup._kernel, fused_lookup._mixed_kernel, fused_train._kernels):
+        cached.cache_clear()
+    with fused_train.mode("on"):
+        yield Backend("triton")
+    for cached in (fused_lookup._kernel, fused_lookup._mixed_kernel, fused_train._kernels):
+        cached.cache_clear()
+
+
 def spy(monkeypatch) -> list[int]:
-    """Count the fused backward steps (the gradient + update launches)."""
-    return count_calls(monkeypatch, fused_train, "backward_step")
+    """Count the fused backward steps (Triton's launches or the C pass)."""
+    return count_calls(monkeypatch, fused_cpu, "backward_step", count_calls(monkeypatch, fused_train, "backward_step"))
 
 
 def batches(names: list[str], seed: int) -> list[KeyedJaggedTensor]:
@@ -120,19 +158,30 @@ def train_both(fused, reference, kjts, check_state: bool = True, dense: str | No
 
 
 # -- without Triton too ------------------------------------------------------------------
-def test_auto_and_off_keep_the_tbe_path_on_cpu(monkeypatch):
-    calls = spy(monkeypatch)
+def test_cpu_modes_pick_the_path(monkeypatch):
+    """On a CPU, fused_train "auto" takes the C step (fused_cpu "auto" or "on") and the TBE path
+    with fused_cpu "off"; fused_train "off" is the TBE path whatever fused_cpu says."""
+    triton_calls = count_calls(monkeypatch, fused_train, "backward_step")
+    c_calls = count_calls(monkeypatch, fused_cpu, "backward_step")
     fused, reference = twins(FEATURES, METHODS, TableOptimizer())
     kjts = batches(NAMES, 0)
-    assert fused_train.current_mode() == "auto"  # the default: CUDA only
-    with fused_train.mode("auto"):
-        assert not fused_train.enabled_for(kjts[0].values())  # CPU ids under "auto"
-        train_both(fused, reference, kjts[:1])  # "auto" on CPU
-    with fused_train.mode("off"):
+    assert fused_train.current_mode() == "auto" and fused_cpu.current_mode() == "auto"  # the defaults
+    assert not fused_train.enabled_for(kjts[0].values())  # Triton: CUDA ids only under "auto"
+    with fused_cpu.mode("off"):
+        train_both(fused, reference, kjts[:1])
+    assert c_calls == []
+    with fused_train.mode("off"), fused_cpu.mode("on"):
         train_both(fused, reference, kjts[1:2])
-    assert calls == []
+    assert c_calls == []
+    if native.library() is not None:
+        train_both(fused, reference, kjts[2:])  # the defaults: the C step
+        assert len(c_calls) == 1
+    assert triton_calls == []
     with pytest.raises(ValueError, match="mode must be"):
         with fused_train.mode("gpu"):
+            pass
+    with pytest.raises(ValueError, match="mode must be"):
+        with fused_cpu.mode("fast"):
             pass
 
 
@@ -152,23 +201,21 @@ def test_inference_is_not_the_training_path():
 
 
 # -- the kernels (Triton's interpreter on a CPU) -----------------------------------------
-@needs_triton
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer):
+def test_three_steps_match_the_tbe_path(kernel, monkeypatch, optimizer):
     """mult (2 and 3 partitions), add, concat, MultiHash (2 and 3 probes) and Full, sum and mean
     pooling, one-id / empty / repeated-id / longer bags: outputs, tables, optimizer state."""
     calls = spy(monkeypatch)
     fused, reference = twins(FEATURES, METHODS, TableOptimizer(kind=optimizer, lr=0.05))
     train_both(fused, reference, batches(NAMES, 1))
     assert len(calls) == 3  # the fused path ran every step, not a silent fallback
-    state = fused_train.state_for(fused)
+    state = kernel.state_for(fused)
     assert state is not None and state.optimizer == fused_train.OPTIMIZERS[fused.tbe.optimizer.name]
     # Between steps the buffers are clean: the update cleared every row it applied.
-    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+    assert kernel.clean(state)
 
 
-@needs_triton
-def test_learning_rate_is_read_each_step(interpreted, monkeypatch):
+def test_learning_rate_is_read_each_step(kernel, monkeypatch):
     calls = spy(monkeypatch)
     fused, reference = twins(FEATURES, METHODS, TableOptimizer(lr=0.05))
     kjts = batches(NAMES, 2)
@@ -179,12 +226,11 @@ def test_learning_rate_is_read_each_step(interpreted, monkeypatch):
     assert len(calls) == 3
 
 
-@needs_triton
 @pytest.mark.parametrize(
     "replace", [{"weight_decay": 0.01}, {"gradient_clipping": True, "max_gradient": 0.1}, {"max_norm": 0.5}],
     ids=["weight_decay", "gradient_clipping", "max_norm"],
 )
-def test_unsupported_optimizer_settings_fall_back(interpreted, monkeypatch, replace):
+def test_unsupported_optimizer_settings_fall_back(kernel, monkeypatch, replace):
     """fbgemm features the kernel does not apply keep the TBE path (set on the TBE directly: a
     CPU collection refuses weight decay, and fbgemm's CPU kernels ignore these settings, so the
     twins must still match)."""
@@ -193,11 +239,10 @@ def test_unsupported_optimizer_settings_fall_back(interpreted, monkeypatch, repl
     for coll in (fused, reference):
         coll.tbe.optimizer_args = coll.tbe.optimizer_args._replace(**replace)
     train_both(fused, reference, batches(NAMES, 3)[:2])
-    assert calls == [] and fused_train.state_for(fused) is None
+    assert calls == [] and kernel.state_for(fused) is None
 
 
-@needs_triton
-def test_other_collections_fall_back(interpreted, monkeypatch):
+def test_other_collections_fall_back(kernel, monkeypatch):
     """Hash (not covered), Pruned's default row without a remap (no block test expresses it),
     Full alone (TBE's own pooled lookup) and a TBE whose placeholder does not require grad keep
     the TBE path, and still train like it."""
@@ -206,7 +251,7 @@ def test_other_collections_fall_back(interpreted, monkeypatch):
     for other in (Hash(rows=70), Pruned(keep=50, missing="default", remap=False)):
         pair = twins(features, {"full": Full(), "other": other}, TableOptimizer())
         train_both(*pair, batches(["full", "other"], 4)[:2])
-        assert fused_train.state_for(pair[0]) is None
+        assert kernel.state_for(pair[0]) is None
     full = twins(features, None, TableOptimizer())
     train_both(*full, batches(["full", "other"], 5)[:2])
     frozen = twins(FEATURES, METHODS, TableOptimizer())
@@ -215,8 +260,7 @@ def test_other_collections_fall_back(interpreted, monkeypatch):
     assert calls == []
 
 
-@needs_triton
-def test_multihash_probes_sharing_a_row(interpreted, monkeypatch):
+def test_multihash_probes_sharing_a_row(kernel, monkeypatch):
     """A tiny MultiHash table: probes of one id and ids of one bag often land on the same row, so
     its gradient gathers several terms from one id (each probe's) and the row is listed once."""
     calls = spy(monkeypatch)
@@ -243,9 +287,8 @@ MD_METHODS = {
 MD_NAMES = [f.name for f in MD_FEATURES]
 
 
-@needs_triton
 @pytest.mark.parametrize("optimizer,dense", [("rowwise_adagrad", "sgd"), ("adagrad", "adagrad"), ("sgd", "sgd")])
-def test_mixed_dim_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer, dense):
+def test_mixed_dim_three_steps_match_the_tbe_path(kernel, monkeypatch, optimizer, dense):
     """Outputs, projection gradients, projections after the dense step, tables and optimizer
     state, over one-id / empty / repeated-id / longer bags (ids up to 500: the rarest ranks of
     md, past keep, read and train nothing)."""
@@ -254,9 +297,9 @@ def test_mixed_dim_three_steps_match_the_tbe_path(interpreted, monkeypatch, opti
     assert fused.layouts["md"].remap is not None and fused.layouts["md"].keep == 470
     train_both(fused, reference, batches(MD_NAMES, 8), dense=dense)
     assert len(calls) == 3
-    state = fused_train.state_for(fused)
+    state = kernel.state_for(fused)
     assert state is not None and len(state.projections) == 5  # md's three, md_mean's and md_one's
-    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+    assert kernel.clean(state)
 
 
 @needs_triton
@@ -276,8 +319,7 @@ def test_mixed_dim_programs_loop_over_bag_blocks(interpreted, monkeypatch):
     assert len(calls) == 2
 
 
-@needs_triton
-def test_mixed_dim_projection_gradient_without_grad_is_none(interpreted, monkeypatch):
+def test_mixed_dim_projection_gradient_without_grad_is_none(kernel, monkeypatch):
     """A frozen projection (requires_grad False) gets no gradient; the tables still train."""
     calls = spy(monkeypatch)
     fused, reference = twins(MD_FEATURES, MD_METHODS, TableOptimizer(lr=0.05))
@@ -311,9 +353,8 @@ def pruned_twins(optimizer: TableOptimizer):
     return pair
 
 
-@needs_triton
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_pruned_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimizer):
+def test_pruned_three_steps_match_the_tbe_path(kernel, monkeypatch, optimizer):
     """Pruned ids read nothing and train nothing (zero), or read and train the shared default
     row; prefix layouts keep ids below keep (prefix_mean: every id and the OOV id); mean pooling
     counts pruned ids; beside Full and QR."""
@@ -327,9 +368,9 @@ def test_pruned_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimiz
     edge_kjt = KeyedJaggedTensor(keys=PRUNED_NAMES, values=per_feature.repeat(len(PRUNED_NAMES)), lengths=lengths)
     train_both(fused, reference, batches(PRUNED_NAMES, 10) + [edge_kjt])
     assert len(calls) == 4
-    state = fused_train.state_for(fused)
+    state = kernel.state_for(fused)
     assert state is not None and len(state.plan.mixed) == 4 and not state.projections
-    assert int(state.count) == 0 and not state.flags.any() and not state.grad.any()
+    assert kernel.clean(state)
     default = fused.table_weights()[fused.feature_tables("default")[0]]
     twin = reference.table_weights()[reference.feature_tables("default")[0]]
     assert not torch.equal(default[-1], twins(PRUNED_FEATURES, PRUNED_METHODS, TableOptimizer())[0].table_weights()[
@@ -337,8 +378,7 @@ def test_pruned_three_steps_match_the_tbe_path(interpreted, monkeypatch, optimiz
     torch.testing.assert_close(default[-1], twin[-1], rtol=RTOL, atol=ATOL)
 
 
-@needs_triton
-def test_pruned_inference_keeps_the_tbe_path(interpreted):
+def test_pruned_inference_keeps_the_tbe_path(kernel):
     """The training plan covers Pruned; the inference plan (fused_lookup) still does not."""
     fused, _ = pruned_twins(TableOptimizer())
     assert fused_lookup.plan_for(fused).weights is None

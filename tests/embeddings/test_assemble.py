@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned, Unified
+from tablezip.compress import QR, Full, Hash, Hybrid, KWay, LearnedThreshold, MixedDim, Pruned, Unified, fused_cpu
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
 from tablezip.embeddings import assemble, native, tbe_backward
 from tablezip.embeddings.assemble import plan_for
@@ -56,16 +57,19 @@ MIXED_NAMES = [f.name for f in MIXED_FEATURES]
 
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
-def assemble_path(request, monkeypatch) -> str:
+def assemble_path(request, monkeypatch) -> Iterator[str]:
     """Each test on both paths of the fused assemble: the compiled one (skipped where it cannot be
-    built) and the torch one."""
+    built) and the torch one. The TBE path is what this module tests: the fused C kernels
+    (compress/fused_cpu.py), which take QR/KWay/MixedDim/Pruned collections off it, are off here
+    (tests/compress/test_fused_train.py and test_fused_lookup.py compare them with this path)."""
     if request.param == "native":
         monkeypatch.setenv(native.ENV_SWITCH, "1")
         if native.library() is None:
             pytest.skip("no C compiler: the compiled assemble is not built here")
     else:
         monkeypatch.setenv(native.ENV_SWITCH, "0")
-    return request.param
+    with fused_cpu.mode("off"):
+        yield request.param
 
 
 def single_id_kjt(names: list[str], batch: int, high: int, seed: int) -> KeyedJaggedTensor:
@@ -475,8 +479,8 @@ def test_kept_output_memory_survives_deepcopy_and_pickle():
     before = coll(kjt).values().detach().clone()
     twin = copy.deepcopy(coll)
     plan = plan_for(twin)
-    assert plan is not None and plan._spare is None
-    assert torch.equal(twin(kjt).values(), before) and plan._spare is not None
+    assert plan is not None and plan._spare.storage is None
+    assert torch.equal(twin(kjt).values(), before) and plan._spare.storage is not None
 
 
 # -- bags of one id, drops, TBE's output as it is -----------------------------------------------

@@ -10,12 +10,13 @@ import collections
 import copy
 import ctypes
 import os
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 
-from tablezip.compress import QR, Full, KWay, MixedDim, Unified
+from tablezip.compress import QR, Full, KWay, MixedDim, Unified, fused_cpu
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, native
 from tablezip.embeddings.assemble import AssemblePlan, plan_for
 from tests.embeddings.test_assemble import MIXED_FEATURES, MIXED_METHODS, MIXED_NAMES, single_id_kjt
@@ -24,9 +25,13 @@ pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler
 
 
 @pytest.fixture(autouse=True)
-def switched_on(monkeypatch) -> None:
+def switched_on(monkeypatch) -> Iterator[None]:
+    """The compiled kernels on; the fused C lookup off (these tests are the TBE path's pieces:
+    assemble, compaction; tests/compress/test_fused_*.py test the fused kernels)."""
     monkeypatch.setenv(native.ENV_SWITCH, "1")
     assert native.library() is not None, "the compiled assemble did not build"
+    with fused_cpu.mode("off"):
+        yield
 
 
 def plan_of(features, methods, dim: int) -> AssemblePlan:

@@ -167,13 +167,13 @@ def test_a_failing_handler_is_internal_counted_and_survived(model_a, serve, conn
 
 
 def test_a_request_whose_deadline_expires_midway_stops_with_deadline_exceeded(tmp_path, serve, connect):
-    """A real slow request: 2M ids in 4,000 large bags of a QR-mult model (pooled after the
+    """A real slow request: 2M ids in 4,000 large bags of a QR-mult model at D=512 (pooled after the
     product: per-id work, tiny answer), computed in ~30 chunks. Three runs without deadline give
     the client's total time T and the handler's time H (medians); the next run gets the deadline
     T - H + H/3, a third into the handler. The client sees DEADLINE_EXCEEDED and the server counts
     DEADLINE_EXCEEDED itself: grpc never calls a handler whose deadline passed before it started,
     so only the handler's own check between chunks can produce that count."""
-    coll = CompressedEmbeddingBagCollection([FeatureSpec("x", 100), FeatureSpec("y", 100)], 16, QR(collisions=4, op="mult"))
+    coll = CompressedEmbeddingBagCollection([FeatureSpec("x", 100), FeatureSpec("y", 100)], 512, QR(collisions=4, op="mult"))
     server = serve(coll.export(tmp_path / "m"), max_ids=3_000_000)
     client = connect(server)
     ids = np.random.default_rng(0).integers(0, 100, 2_000_000)

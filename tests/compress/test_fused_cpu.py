@@ -1,0 +1,179 @@
+"""What the C backend of the fused lookup and step (compress/fused_cpu.py) adds to the kernel tests
+of tests/compress/test_fused_train.py and test_fused_lookup.py (which run every op, optimizer and
+bag shape through it against the TBE path): its switch, malformed input refused before any read,
+a corrupted remap refused, threads splitting the bags, gradients of any strides, and its buffers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from tablezip.compress import QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_cpu, fused_train
+from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
+from tests.compress.test_fused_lookup import count_calls
+from tests.compress.test_fused_train import DIM as MD_DIM
+from tests.compress.test_fused_train import MD_FEATURES, MD_METHODS, MD_NAMES, batches
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="the compiled CPU kernels could not be built")
+
+DIM = 16
+FEATURES = [
+    FeatureSpec("qr", 500), FeatureSpec("md", 400, pooling="mean", counts=list(range(400, 0, -1))),
+    FeatureSpec("pruned", 300), FeatureSpec("full", 30),
+]  # fmt: skip
+METHODS = {"qr": QR(collisions=9), "md": MixedDim(dims=(DIM, 4), sizes=(50, 350), remap=True), "pruned": Pruned(keep=120), "full": Full()}
+NAMES = [f.name for f in FEATURES]
+
+
+def build(seed: int = 3) -> CompressedEmbeddingBagCollection:
+    return CompressedEmbeddingBagCollection(FEATURES, DIM, METHODS, optimizer=TableOptimizer(lr=0.1), seed=seed)
+
+
+def kjt_of(lengths: list[int], offsets: list[int] | None = None) -> KeyedJaggedTensor:
+    values = torch.arange(sum(max(0, x) for x in lengths)) % 300
+    return KeyedJaggedTensor(
+        keys=NAMES, values=values, lengths=torch.tensor(lengths),
+        offsets=None if offsets is None else torch.tensor(offsets),
+    )  # fmt: skip
+
+
+def test_auto_takes_the_measured_ops_and_on_takes_every_plan():
+    """"auto" runs the plans with an op of ``AUTO_OPS``; "on" every plan the kernels cover; a
+    collection the plans do not cover (Hash) never."""
+    plan = fused_train.plan_for(build())
+    assert fused_cpu.plan_ops(plan) == {"mult", "mixed"}
+    assert fused_cpu.takes(plan) == bool({"mult", "mixed"} & fused_cpu.AUTO_OPS)
+    with fused_cpu.mode("on"):
+        assert fused_cpu.takes(plan)
+        hashed = CompressedEmbeddingBagCollection([FeatureSpec("h", 100)], DIM, {"h": Hash(rows=10)})
+        assert not fused_cpu.takes(fused_train.plan_for(hashed))
+    with fused_cpu.mode("off"):
+        assert not fused_cpu.wanted(torch.zeros(1, dtype=torch.long), "auto")
+    assert not fused_cpu.wanted(torch.zeros(1, dtype=torch.long), "on")  # fused_train "on": Triton's
+
+
+def test_without_the_compiled_kernels_the_tbe_path_runs(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    calls = count_calls(monkeypatch, fused_cpu, "forward")
+    coll = build()
+    with fused_cpu.mode("on"):
+        coll(batches(NAMES, 0)[0]).values().sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
+def test_malformed_bags_are_refused_before_any_read(grad_enabled):
+    """Negative lengths (offsets that decrease and run past the ids) and offsets that disagree
+    with the lengths raise ValueError, as the TBE path's check does, before the kernel reads
+    through them; the tables are unchanged."""
+    coll = build()
+    before = [t.clone() for t in coll.table_weights()]
+    cases = [
+        kjt_of([3, -1, 2, 4, 1, -1, 2, 1]),
+        kjt_of([2, 2, 0, 2, 1, 1, 1, 1], offsets=[0, 2, 4, 3, 6, 7, 8, 9, 10]),
+    ]
+    with fused_cpu.mode("on"), torch.set_grad_enabled(grad_enabled):
+        for kjt in cases:
+            with pytest.raises(ValueError, match="offsets"):
+                coll(kjt)
+    for a, b in zip(coll.table_weights(), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["pruned", "md"])
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
+def test_a_corrupted_remap_is_refused_not_read_as_dropped(method, grad_enabled):
+    """A remap value no layout writes (ranks are in [-1, n]) raises, as fbgemm's bounds check does
+    on the TBE path, instead of reading as a dropped id."""
+    coll = build()
+    with torch.no_grad():
+        coll.layouts[method].remap[3] = 10_000
+    kjt = KeyedJaggedTensor(keys=NAMES, values=torch.tensor([1, 3, 2, 3, 5, 3, 1, 2]), lengths=torch.ones(8, dtype=torch.long))
+    with fused_cpu.mode("on"), torch.set_grad_enabled(grad_enabled):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            coll(kjt)
+
+
+def test_threads_split_the_bags_bitwise(monkeypatch):
+    """Two threads (each a part of the bags, 301 of them: uneven) give the one-thread output bit
+    for bit, in inference and in the training forward."""
+    coll = build()
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 4, (len(NAMES) * 301,), generator=g)
+    kjt = KeyedJaggedTensor(keys=NAMES, values=torch.randint(-3, 600, (int(lengths.sum()),), generator=g), lengths=lengths)
+    threads = count_calls(monkeypatch, native, "threads")
+    with fused_cpu.mode("on"), torch.no_grad():
+        one = coll(kjt).values()
+        monkeypatch.setattr(native, "PARALLEL_FLOATS", 0)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert native.threads(301, len(NAMES) * DIM) == 2
+            two = coll(kjt).values()
+            with torch.enable_grad():
+                trained = coll(kjt).values().detach()
+        finally:
+            torch.set_num_threads(before)
+    assert len(threads) >= 3
+    assert torch.equal(one, two) and torch.equal(one, trained)
+
+
+@pytest.mark.parametrize("loss", ["sum", "strided_columns"])
+def test_gradients_of_any_strides_train_like_the_tbe_path(loss):
+    """``out.sum()`` hands the backward an expanded gradient (strides 0, 0); a loss on every other
+    column a gradient that autograd builds with zeros between. Tables and state after two steps
+    match a twin on the TBE path."""
+    fused, reference = build(), build()
+    for kjt in batches(NAMES, 4)[:2]:
+        for coll, mode in ((fused, "on"), (reference, "off")):
+            with fused_cpu.mode(mode):
+                out = coll(kjt).values()
+                (out.sum() if loss == "sum" else out[:, ::2].pow(2).sum()).backward()
+    for a, b in zip(fused.table_weights(), reference.table_weights()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused.tbe.split_optimizer_states(), reference.tbe.split_optimizer_states()):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_grow_with_the_batch_and_stay_clean(monkeypatch):
+    """The accumulators grow when a larger batch comes, every row's slot is back to -1 after each
+    step, and the ranks of MixedDim's ids go from the forward to the backward (not gathered again)."""
+    coll = CompressedEmbeddingBagCollection(MD_FEATURES, MD_DIM, MD_METHODS, optimizer=TableOptimizer(lr=0.1))
+    seen = []
+    real = fused_cpu.backward_step
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1] if len(args) == 8 else kwargs.get("ranks"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_cpu, "backward_step", spy)
+    sizes = []
+    with fused_cpu.mode("on"):
+        for batch in (4, 64):
+            lengths = torch.randint(0, 3, (len(MD_NAMES) * batch,), generator=torch.Generator().manual_seed(batch))
+            kjt = KeyedJaggedTensor(keys=MD_NAMES, values=torch.randint(0, 600, (int(lengths.sum()),)), lengths=lengths)
+            coll(kjt).values().pow(2).sum().backward()
+            state = fused_cpu.state_for(coll)
+            sizes.append(state.params["c_buffers"][0].numel())
+            assert bool((state.flags == -1).all())
+    assert sizes[1] > sizes[0]
+    assert len(seen) == 2 and all(r is not None and r.dtype == torch.int32 for r in seen)
+
+
+def test_multihash_negative_mixed_seeds_reach_the_kernel_unchanged():
+    """Probe seeds are the int64 bit patterns of uint64 mixes (negative for about half): the C rows
+    are the torch rows for them (outputs bit for bit the TBE path's)."""
+    features = [FeatureSpec("m", 1000)]
+    for seed in range(64):  # the first seed with a negative mixed seed among its probes
+        coll = CompressedEmbeddingBagCollection(features, DIM, {"m": MultiHash(rows=37, probes=3, seed=seed)})
+        plan = fused_train.plan_for(coll)
+        if any(s < 0 for s in plan.features[0].seeds):
+            break
+    assert any(s < 0 for s in plan.features[0].seeds)
+    kjt = KeyedJaggedTensor(keys=["m"], values=torch.arange(-5, 995), lengths=torch.ones(1000, dtype=torch.long))
+    with torch.no_grad():
+        with fused_cpu.mode("off"):
+            expected = coll(kjt).values()
+        with fused_cpu.mode("on"):
+            assert torch.equal(coll(kjt).values(), expected)
