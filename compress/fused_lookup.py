@@ -26,6 +26,9 @@ projections are used as they are), accumulated over the bag. Ranks past every bl
 read nothing: a zero vector, as the TBE path's dropped ids. Why: the TBE path pays per-block
 slots, drop handling and a projection pass over the pooled output (2.77x Full's forward).
 
+On a CPU, mode "auto" hands the same plan (with Pruned, as the training step's) to the compiled
+C kernel of compress/fused_cpu.py instead (its own switch, ``fused_cpu.mode``).
+
 When: inference only (``torch.is_grad_enabled()`` False: ``no_grad`` or ``inference_mode``),
 ids on CUDA and Triton importable (``mode("auto")``), every feature Full or QR/KWay, and the
 tables in fp32 storage of one fbgemm training TBE (MixedDim: projections fp32 and contiguous,

@@ -74,6 +74,10 @@ other factors loaded without the bag mask; tests/compress/test_triton_compile.py
 kernel for sm_90 without a GPU), and a scalar atomic's result reached the lanes wrong under load
 (see ``list_rows``).
 
+On a CPU, mode "auto" runs the same plan through the compiled C step of compress/fused_cpu.py
+(``_build_state(native=True)``: compact per-row accumulators instead of the weights-sized buffer;
+``fused_cpu.mode`` switches it; ``AUTO_SKIPS`` is the GPU's measurement and does not apply there).
+
 When: mode "auto" (the default; not for ``AUTO_SKIPS``) or "on", grad enabled, CUDA ids and Triton importable (``"on"``: any device,
 CPU through Triton's interpreter, as the CPU tests run it; ``"off"``: the TBE path, the
 reference), every feature Full / QR / KWay / MultiHash / MixedDim / Pruned (above) on fp32
