@@ -44,7 +44,7 @@ from tablezip.embeddings.tbe import check_offsets
 
 # Plans whose ops take the C path in mode "auto" (Full features, the one-partition "add", ride
 # along with any of them). Measured against the TBE path on the CPU grid (benchmarks/NOTES.md).
-AUTO_OPS = frozenset({"mult", "add", "concat", "multihash", "mixed"})
+AUTO_OPS = frozenset({"mult", "add", "concat", "multihash", "hashcat", "mixed"})
 MAX_PARTITIONS = 16  # partitions (probes) per feature the C step takes
 MAX_BLOCKS = 32  # MixedDim blocks per feature the C kernels take
 
@@ -69,6 +69,47 @@ def wanted(ids: torch.Tensor, triton_mode: str) -> bool:
     )
 
 
+# The C kernels' op codes: fused_lookup's, and "hashcat" (HashedParts: concatenated hashed rows).
+OPS = {**fused_lookup.OPS, "hashcat": 4}
+
+
+def _extra(layout: Any) -> "fused_lookup.DenseBlocks | fused_lookup.HashedParts | None":
+    """How the C kernels read a layout fused_lookup does not know: Pruned as D-wide blocks (the
+    training step's), Hash as one hashed partition, Unified as its salted chunks (one: a hashed
+    partition; more: their concatenation, each chunk a row of the shared table). Hybrid: None."""
+    from tablezip.compress import fused_train
+    from tablezip.compress.hashing import HashLayout, seed_mix
+    from tablezip.compress.unified import UnifiedLayout
+
+    if type(layout) is HashLayout:
+        return fused_lookup.HashedParts(layout.rows, (seed_mix(layout.seed),), "multihash", layout.dim)
+    if type(layout) is UnifiedLayout:
+        seeds = tuple(seed_mix(s) for s in layout.salts)
+        op = "multihash" if layout.chunks == 1 else "hashcat"
+        return fused_lookup.HashedParts(layout.rows, seeds, op, layout.dim // layout.chunks)
+    return fused_train._pruned_blocks(layout)
+
+
+_PLANS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def plan_for(collection: Any) -> Any:
+    """The C kernels' plan of ``collection`` (``weights`` None: not covered): fused_lookup's
+    builder with ``_extra``; rebuilt when the storage, a projection or a remap moved."""
+    from tablezip.compress.pruned import PrunedLayout
+
+    pruned = [l for l in collection.layouts.values() if type(l) is PrunedLayout]
+    key = (
+        fused_lookup._storage_key(collection.tbe)
+        + fused_lookup._dense_key(collection)
+        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in pruned)
+    )
+    plan = _PLANS.get(collection)
+    if plan is None or plan.key != key:
+        plan = _PLANS[collection] = fused_lookup._build_plan(collection, key, extra=_extra)
+    return plan
+
+
 def plan_ops(plan: Any) -> set[str]:
     return {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"} | ({"mixed"} if plan.mixed else set())
 
@@ -89,7 +130,7 @@ def _program(features: Sequence[Any], mixed: Sequence[Any], extra: dict | None) 
     records: list[list[int]] = []
     for f in features:
         more = extra[f.feature] if extra is not None else [0, 0] * len(f.partitions)
-        rec = [0, f.feature, f.num_embeddings, int(f.mean), fused_lookup.OPS[f.op], len(f.partitions), f.width]
+        rec = [0, f.feature, f.num_embeddings, int(f.mean), OPS[f.op], len(f.partitions), f.width]
         for j, (stride, radix, at) in enumerate(zip(f.strides(), f.partitions, f.table_offsets)):
             rec += [stride, radix, at, more[2 * j], more[2 * j + 1]]
         records.append(rec)
@@ -163,7 +204,7 @@ def state_for(collection: Any) -> Any:
     remap moved."""
     from tablezip.compress import fused_train
 
-    plan = fused_train.plan_for(collection)
+    plan = plan_for(collection)
     key = plan.key + fused_train._state_key(collection.tbe)
     cached = _STATES.get(collection)
     if cached is None or cached[0] != key:

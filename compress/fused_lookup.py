@@ -104,7 +104,7 @@ class FeatureLookup:
     def strides(self) -> list[int]:
         """Divisor of each digit: digit j is ``(id // stride_j) % partitions[j]`` (no modulo for
         the first, the quotient), as ``mixed_radix_digits`` computes it."""
-        if self.op == "multihash":
+        if self.op in ("multihash", "hashcat"):
             return list(self.seeds)  # the params column that holds strides holds the seeds here
         strides = [1] * len(self.partitions)
         for j in range(len(self.partitions) - 2, -1, -1):
@@ -425,9 +425,25 @@ class DenseBlocks:
     remap: torch.Tensor | None
 
 
-def _build_plan(collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks | None] | None = None) -> _Plan:
-    """The kernels' arguments for ``collection``. ``extra``: blocks of the layouts of other types
-    (None: that layout is not supported), for the fused training step's own plan."""
+@dataclass(frozen=True)
+class HashedParts:
+    """A layout this module does not know, read as hashed partitions: partition j's row of an id is
+    the splitmix64 row of the id with ``seeds[j]`` (mixed) in ``rows`` (MultiHash's maths, no OOV
+    map), the partitions summed (``op="multihash"``) or concatenated (``"hashcat"``, each ``width``
+    wide). Only the C kernels (compress/fused_cpu.py) take it, for Hash and Unified on a CPU: the
+    Triton kernels have no "hashcat"."""
+
+    rows: int
+    seeds: tuple[int, ...]
+    op: str
+    width: int
+
+
+def _build_plan(
+    collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks | HashedParts | None] | None = None
+) -> _Plan:
+    """The kernels' arguments for ``collection``. ``extra``: how to read the layouts of other types
+    (None: that layout is not supported), for the fused training step's and the C kernels' plans."""
     import numpy as np
 
     from tablezip.compress.compositional import CompositionalLayout
@@ -460,7 +476,7 @@ def _build_plan(collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks 
     # The lowest-addressed remap is the base: every remap offset is then >= 0.
     remap_list = sorted(
         [l.remap for l in layouts if isinstance(l, MixedDimLayout) and l.remap is not None]
-        + [b.remap for b in blocks.values() if b is not None and b.remap is not None],
+        + [b.remap for b in blocks.values() if isinstance(b, DenseBlocks) and b.remap is not None],
         key=lambda r: r.data_ptr(),
     )
     if any(r.device != base.device or r.dtype != torch.int32 or not r.is_contiguous() for r in remap_list):
@@ -479,9 +495,13 @@ def _build_plan(collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks 
         slots = collection.feature_tables(feature.name)
         offsets = tuple((tables[t].data_ptr() - base.data_ptr()) // 4 for t in slots)
         mean = feature.pooling.value == "mean"
+        if isinstance(blocks.get(f), HashedParts):  # the C kernels' Hash and Unified
+            h = blocks[f]
+            features.append(FeatureLookup(f, feature.num_embeddings, h.op, (h.rows,) * len(h.seeds), offsets, h.width, mean, h.seeds))
+            continue
         if f in blocks:  # D-wide blocks, no projection (the caller's layouts, e.g. Pruned in training)
             b = blocks[f]
-            assert b is not None
+            assert isinstance(b, DenseBlocks)
             remap_at = None if b.remap is None else (b.remap.data_ptr() - remap_list[0].data_ptr()) // 4
             mixed.append(MixedLookup(
                 f, feature.num_embeddings, b.starts, b.rows, tuple(offsets[s] for s in b.slots),
@@ -537,11 +557,9 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     if not enabled_for(ids):
         if not fused_cpu.wanted(ids, _switch.value):
             return None
-        # On a CPU in mode "auto": the C kernel (compress/fused_cpu.py), on the training step's
-        # plan, which also covers Pruned (its C forward measured 0.55-0.85x the TBE path's time).
-        from tablezip.compress import fused_train
-
-        plan = fused_train.plan_for(collection)
+        # On a CPU in mode "auto": the C kernel (compress/fused_cpu.py), on its own plan, which
+        # also covers Pruned, Hash and Unified (Pruned's C forward: 0.55-0.85x the TBE path's time).
+        plan = fused_cpu.plan_for(collection)
         if not fused_cpu.takes(plan):
             return None
         return fused_cpu.forward(

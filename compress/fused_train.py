@@ -607,8 +607,8 @@ def _build_state(collection: Any, plan: Any, key: tuple, native: bool = False) -
     if kind is None or plan.weights is None:
         return None
     supported = (FullLayout, CompositionalLayout, MultiHashLayout, MixedDimLayout, PrunedLayout)
-    if not all(type(l) in supported for l in collection.layouts.values()):
-        return None
+    if not native and not all(type(l) in supported for l in collection.layouts.values()):
+        return None  # (the C kernels' plan covers more layouts: its plan decides)
     cache = getattr(tbe, "lxu_cache_weights", None)
     if isinstance(cache, torch.Tensor) and cache.numel() > 0:
         return None  # cached rows would be newer than the storage the kernels read
@@ -851,7 +851,7 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     if not isinstance(placeholder, torch.Tensor) or not placeholder.requires_grad:
         return None
     # Checked before the state: a skipped collection never allocates the step's buffers.
-    if in_c and not fused_cpu.takes(plan_for(collection)):
+    if in_c and not fused_cpu.takes(fused_cpu.plan_for(collection)):
         return None
     if not in_c and _switch.value == "auto" and not auto_wants(plan_for(collection)):
         return None

@@ -8,7 +8,10 @@
  *     rows_kernel, on a CPU), one pass instead of a dozen torch ops; tz_digits: QR / KWay's
  *     partition rows (mixed-radix digits of the OOV-mapped ids);
  *   - tz_tbe_backward: a CPU TBE's backward and exact optimizer step, in place
- *     (embeddings/tbe_backward.py; used where fbgemm's CPU backward is slow: shared tables).
+ *     (embeddings/tbe_backward.py; used where fbgemm's CPU backward is slow: shared tables);
+ *   - tz_fused_forward / tz_fused_backward: the fused lookup and training step of Full, QR / KWay,
+ *     MultiHash, MixedDim and Pruned collections straight from the TBE's tables
+ *     (compress/fused_cpu.py; the CPU twin of the Triton kernels).
  *
  * The assemble:
  *
@@ -106,17 +109,31 @@ INL void vfill(float *dst, const float s, const int64_t D) {
     const v4 s4 = {s, s, s, s};
     ELEMENTWISE(D, stw(dst + d, sw), st(dst + d, s4), dst[d] = s)
 }
-/* acc += s * w (a product, then a sum: no fused multiply-add) */
+/* a * b + c for the projections (MixedDim's small matrix products, the only users of vaxpy and
+ * vdot): one fused multiply-add where the target has it (-march=native on x86-64 with FMA), else
+ * a product and a sum. The projections are equal to the torch path's up to rounding either way
+ * (another summation order than BLAS); everything else keeps separate IEEE ops (-ffp-contract=off). */
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+INL vf vfma(const vf a, const vf b, const vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+INL v4 v4fma(const v4 a, const v4 b, const v4 c) { return (v4)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c); }
+INL float sfma(const float a, const float b, const float c) { return fmaf(a, b, c); }
+#else
+INL vf vfma(const vf a, const vf b, const vf c) { return a * b + c; }
+INL v4 v4fma(const v4 a, const v4 b, const v4 c) { return a * b + c; }
+INL float sfma(const float a, const float b, const float c) { return a * b + c; }
+#endif
+/* acc += s * w */
 INL void vaxpy(float *acc, const float s, const float *w, const int64_t D) {
     const vf sw = splat(s);
     const v4 s4 = {s, s, s, s};
-    ELEMENTWISE(D, stw(acc + d, ldw(acc + d) + sw * ldw(w + d)), st(acc + d, ld(acc + d) + s4 * ld(w + d)),
-                acc[d] += s * w[d])
+    ELEMENTWISE(D, stw(acc + d, vfma(sw, ldw(w + d), ldw(acc + d))), st(acc + d, v4fma(s4, ld(w + d), ld(acc + d))),
+                acc[d] = sfma(s, w[d], acc[d]))
 }
 INL float vdot(const float *a, const float *b, const int64_t D) {
     if (D % VW == 0) {
         vf sum = ldw(a) * ldw(b);
-        for (int64_t d = VW; d < D; d += VW) sum = sum + ldw(a + d) * ldw(b + d);
+        for (int64_t d = VW; d < D; d += VW) sum = vfma(ldw(a + d), ldw(b + d), sum);
         /* The lanes summed as a tree (halves, then quarters, ...): 3 dependent adds for 8 lanes
          * instead of 8 in a chain. */
         float t[VW];
@@ -127,11 +144,11 @@ INL float vdot(const float *a, const float *b, const int64_t D) {
     }
     if (D % 4 == 0) {
         v4 sum = ld(a) * ld(b);
-        for (int64_t d = 4; d < D; d += 4) sum = sum + ld(a + d) * ld(b + d);
+        for (int64_t d = 4; d < D; d += 4) sum = v4fma(ld(a + d), ld(b + d), sum);
         return (sum[0] + sum[2]) + (sum[1] + sum[3]);
     }
     float sum = 0.0f;
-    for (int64_t d = 0; d < D; d++) sum += a[d] * b[d];
+    for (int64_t d = 0; d < D; d++) sum = sfma(a[d], b[d], sum);
     return sum;
 }
 
@@ -651,13 +668,18 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col
  *                   rank, rows, table element offset, width, projected (0: the row is D wide),
  *                   projection element offset (may be negative), first linear row, table index,
  *                   projection-gradient offset).
- * ops: 0 mult, 1 add, 2 concat, 3 multihash (fused_lookup.OPS). Table and projection offsets count
+ * ops: 0 mult, 1 add, 2 concat, 3 multihash (fused_lookup.OPS), 4 hashcat (hashed rows concatenated:
+ * Unified's chunks; fused_lookup.HashedParts). Table and projection offsets count
  * floats from `weights`; remap offsets count int32s from `remaps`. */
-enum { FU_MULT = 0, FU_ADD = 1, FU_CONCAT = 2, FU_MULTIHASH = 3 };
+enum { FU_MULT = 0, FU_ADD = 1, FU_CONCAT = 2, FU_MULTIHASH = 3, FU_HASHCAT = 4 };
+/* Ops whose partition rows are hashes of the raw id (no OOV map), and ops that concatenate. */
+#define FU_HASHED(op) ((op) == FU_MULTIHASH || (op) == FU_HASHCAT)
+#define FU_CONCATS(op) ((op) == FU_CONCAT || (op) == FU_HASHCAT)
 #define PARTS_HEADER 7
 #define PART_FIELDS 5
 #define MIXED_HEADER 6
 #define BLOCK_FIELDS 9
+#define MAX_PARTS 16 /* partitions per parts record (fused_cpu.MAX_PARTITIONS) */
 
 typedef struct {
     const int64_t *ids, *offsets, *prog, *rec_start;
@@ -675,7 +697,7 @@ typedef struct {
 /* Row of partition (multihash: probe) j of an OOV-mapped id: fused_lookup's partition_row. */
 INL int64_t fu_digit(const int64_t id, const int64_t *part, const int64_t j, const int64_t op, const uint64_t mix1,
                      const uint64_t mix2) {
-    if (op == FU_MULTIHASH) {
+    if (FU_HASHED(op)) {
         uint64_t z = (uint64_t)(id ^ part[0]);
         z = (z ^ (z >> 30)) * mix1;
         z = (z ^ (z >> 27)) * mix2;
@@ -703,10 +725,10 @@ INL void fu_parts_forward(const fused_job_t *job, const int64_t *rec, const int6
     vfill(acc, 0.0f, D);
     for (int64_t p = lo; p < hi; p++) {
         int64_t id = job->ids[p];
-        if (op != FU_MULTIHASH) id = (id >= 0 && id < n) ? id : n;
+        if (!FU_HASHED(op)) id = (id >= 0 && id < n) ? id : n;
         const int64_t *part = rec + PARTS_HEADER;
         const float *r0 = job->weights + part[2] + fu_digit(id, part, 0, op, job->mix1, job->mix2) * W;
-        if (op == FU_CONCAT) {
+        if (FU_CONCATS(op)) {
             vadd(acc, acc, r0, W);
             for (int64_t j = 1; j < K; j++) {
                 const int64_t *pj = part + PART_FIELDS * j;
@@ -876,20 +898,82 @@ typedef struct {
     int64_t n, cap, max_width;
 } fu_rows_t;
 
-/* The accumulator of a row (first touch: takes the next one, zeroed); NULL when full. */
-INL float *fu_row(fu_rows_t *rs, const int64_t lin, const int64_t table, const int64_t W) {
+/* The accumulator of a row, NULL when full. *first: whether this is the row's first touch in the
+ * step (its accumulator is then garbage: the caller writes it rather than adds to it). */
+INL float *fu_row(fu_rows_t *rs, const int64_t lin, const int64_t table, int *first) {
     int32_t s = rs->slot[lin];
+    *first = s < 0;
     if (s < 0) {
         if (rs->n >= rs->cap) return NULL;
         s = (int32_t)rs->n++;
         rs->slot[lin] = s;
         rs->touched[2 * s] = lin;
         rs->touched[2 * s + 1] = table;
-        float *a = rs->acc + (int64_t)s * rs->max_width;
-        vfill(a, 0.0f, W);
-        return a;
     }
     return rs->acc + (int64_t)s * rs->max_width;
+}
+
+/* a = x on a row's first touch, else a += x. */
+INL void fu_add(float *a, const float *x, const int first, const int64_t W) {
+    if (first) vcopy(a, x, W); else vadd(a, a, x, W);
+}
+
+/* One parts record's bags (QR / KWay / MultiHash / Hash / Unified / Full): each id's partition rows
+ * get their gradient. gb: room for D floats (a copy of the bag's gradient where it is strided or
+ * averaged); part_grad: room for W. D a compile-time constant where it is a common width. */
+INL int64_t fu_parts_backward(const int64_t *rec, const int64_t *ids, const int64_t *offsets, const int64_t batch,
+                              const float *g, const int64_t g_stride0, const int64_t g_stride1, const float *weights,
+                              fu_rows_t *rs, float *gb, float *part_grad, const uint64_t mix1, const uint64_t mix2,
+                              const int64_t D) {
+    const int64_t f = rec[1], n = rec[2], mean = rec[3], op = rec[4], K = rec[5];
+    const int64_t W = FU_CONCATS(op) ? rec[6] : D;
+    const int64_t *part = rec + PARTS_HEADER;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
+        if (lo == hi) continue;
+        const float *src = g + b * g_stride0 + f * D * g_stride1;
+        const float *gv = src;
+        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
+            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
+            gv = gb;
+        } else {
+            __builtin_prefetch(src + 8 * g_stride0); /* a column block per feature, a row apart */
+        }
+        for (int64_t p = lo; p < hi; p++) {
+            int64_t id = ids[p];
+            if (!FU_HASHED(op)) id = (id >= 0 && id < n) ? id : n;
+            int64_t digit[MAX_PARTS];
+            const float *r[MAX_PARTS];
+            for (int64_t j = 0; j < K; j++) {
+                const int64_t *pj = part + PART_FIELDS * j;
+                digit[j] = fu_digit(id, pj, j, op, mix1, mix2);
+                if (digit[j] < 0 || digit[j] >= pj[1]) return -2;
+                r[j] = weights + pj[2] + digit[j] * W;
+            }
+            for (int64_t j = 0; j < K; j++) {
+                const int64_t *pj = part + PART_FIELDS * j;
+                int first;
+                float *a = fu_row(rs, pj[3] + digit[j], pj[4], &first);
+                if (!a) return -1;
+                if (FU_CONCATS(op)) {
+                    fu_add(a, gv + j * W, first, W);
+                } else if (op == FU_MULT && K > 1) {
+                    /* the gradient times the other parts, in their order */
+                    const float *x = gv;
+                    for (int64_t o = 0; o < K; o++) {
+                        if (o == j) continue;
+                        vmul(part_grad, x, r[o], W);
+                        x = part_grad;
+                    }
+                    fu_add(a, part_grad, first, W);
+                } else {
+                    fu_add(a, gv, first, W);
+                }
+            }
+        }
+    }
+    return 0;
 }
 
 /* The backward of the program's features and the optimizer step of every row they touched, in place.
@@ -915,48 +999,19 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
     int64_t status = 0;
     for (int64_t i = 0; i < nrec && !status; i++) {
         const int64_t *rec = prog + rec_start[i];
-        const int64_t f = rec[1], n = rec[2], mean = rec[3];
+        if (rec[0] == 0) {
+            PER_D(status = fu_parts_backward(rec, ids, offsets, batch, g, g_stride0, g_stride1, weights, &rs, gb,
+                                             part_grad, mix1, mix2, DC))
+            continue;
+        }
+        const int64_t f = rec[1], mean = rec[3];
         for (int64_t b = 0; b < batch && !status; b++) {
             const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
             if (lo == hi) continue;
             const float *src = g + b * g_stride0 + f * D * g_stride1;
             for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
             if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
-            if (rec[0] == 0) {
-                const int64_t op = rec[4], K = rec[5], W = rec[6];
-                const int64_t *part = rec + PARTS_HEADER;
-                for (int64_t p = lo; p < hi && !status; p++) {
-                    int64_t id = ids[p];
-                    if (op != FU_MULTIHASH) id = (id >= 0 && id < n) ? id : n;
-                    int64_t digit[16];
-                    const float *r[16];
-                    for (int64_t j = 0; j < K; j++) {
-                        const int64_t *pj = part + PART_FIELDS * j;
-                        digit[j] = fu_digit(id, pj, j, op, mix1, mix2);
-                        if (digit[j] < 0 || digit[j] >= pj[1]) { status = -2; break; }
-                        r[j] = weights + pj[2] + digit[j] * W;
-                    }
-                    for (int64_t j = 0; j < K && !status; j++) {
-                        const int64_t *pj = part + PART_FIELDS * j;
-                        float *a = fu_row(&rs, pj[3] + digit[j], pj[4], W);
-                        if (!a) { status = -1; break; }
-                        if (op == FU_CONCAT) {
-                            vadd(a, a, gb + j * W, W);
-                        } else if (op == FU_MULT && K > 1) {
-                            /* the gradient times the other parts, in their order */
-                            int first = 1;
-                            for (int64_t o = 0; o < K; o++) {
-                                if (o == j) continue;
-                                vmul(part_grad, first ? gb : part_grad, r[o], W);
-                                first = 0;
-                            }
-                            vadd(a, a, part_grad, W);
-                        } else {
-                            vadd(a, a, gb, W);
-                        }
-                    }
-                }
-            } else {
+            {
                 const int64_t NB = rec[5];
                 unsigned used = 0;
                 for (int64_t p = lo; p < hi && !status; p++) {
@@ -967,10 +1022,11 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
                         const int64_t local = rank - blk[0];
                         if (local < 0 || local >= blk[1]) continue;
                         const int64_t w = blk[3];
-                        float *a = fu_row(&rs, blk[6] + local, blk[7], w);
+                        int first;
+                        float *a = fu_row(&rs, blk[6] + local, blk[7], &first);
                         if (!a) { status = -1; break; }
                         if (!blk[4]) {
-                            vadd(a, a, gb, D);
+                            fu_add(a, gb, first, D);
                             continue;
                         }
                         const float *pt = weights + blk[5]; /* P_k^T [w, D]: the row's gradient is P_k^T g */
@@ -983,7 +1039,7 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
                         } else {
                             for (int64_t c = 0; c < w; c++) pk[c] += row[c];
                         }
-                        for (int64_t c = 0; c < w; c++) a[c] += rg[c];
+                        fu_add(a, rg, first, w);
                     }
                 }
                 /* dL/dP_k^T = pooled_k^T g, summed over bags */

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_cpu, fused_train
+from tablezip.compress import QR, Full, Hash, Hybrid, MixedDim, MultiHash, Pruned, Unified, fused_cpu, fused_train
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
 from tests.compress.test_fused_lookup import count_calls
 from tests.compress.test_fused_train import DIM as MD_DIM
-from tests.compress.test_fused_train import MD_FEATURES, MD_METHODS, MD_NAMES, batches
+from tests.compress.test_fused_train import MD_FEATURES, MD_METHODS, MD_NAMES, batches, train_both, twins
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="the compiled CPU kernels could not be built")
 
@@ -51,6 +51,45 @@ def test_auto_takes_the_measured_ops_and_on_takes_every_plan():
     with fused_cpu.mode("off"):
         assert not fused_cpu.wanted(torch.zeros(1, dtype=torch.long), "auto")
     assert not fused_cpu.wanted(torch.zeros(1, dtype=torch.long), "on")  # fused_train "on": Triton's
+
+
+# Hash and Unified, which only the C kernels take (as hashed partitions): one- and two-chunk
+# unified features sharing tables (u1/u1_mean: "a", u2/u2b: "b"), sum and mean, beside Full and QR.
+HASHED_FEATURES = [
+    FeatureSpec("full", 40), FeatureSpec("h", 300), FeatureSpec("h_mean", 200, pooling="mean"), FeatureSpec("u1", 400),
+    FeatureSpec("u1_mean", 500, pooling="mean"), FeatureSpec("u2", 250), FeatureSpec("u2b", 90), FeatureSpec("qr", 300),
+]  # fmt: skip
+HASHED_METHODS = {
+    "full": Full(), "h": Hash(rows=40), "h_mean": Hash(rows=7, seed=3), "u1": Unified(rows=30, table="a"),
+    "u1_mean": Unified(rows=30, table="a"), "u2": Unified(rows=11, chunks=2, table="b", seed=2),
+    "u2b": Unified(rows=11, chunks=2, table="b", seed=2), "qr": QR(collisions=7),
+}  # fmt: skip
+HASHED_NAMES = [f.name for f in HASHED_FEATURES]
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adagrad", "sgd"])
+def test_hash_and_unified_train_like_the_tbe_path(monkeypatch, optimizer):
+    """Three steps (one-id, short and long bags, repeated ids: shared rows hit by several features
+    and chunks) match the TBE path's outputs, tables and optimizer state; one-id bags bit for bit
+    in inference."""
+    calls = count_calls(monkeypatch, fused_cpu, "backward_step")
+    fused, reference = twins(HASHED_FEATURES, HASHED_METHODS, TableOptimizer(kind=optimizer, lr=0.05))
+    plan = fused_cpu.plan_for(fused)
+    assert plan.weights is not None
+    assert sorted(f.op for f in plan.features) == ["add", "hashcat", "hashcat", "mult", "multihash", "multihash", "multihash", "multihash"]
+    with fused_cpu.mode("on"):
+        train_both(fused, reference, batches(HASHED_NAMES, 11))
+        kjt = batches(HASHED_NAMES, 12)[0]
+        with torch.no_grad():
+            out = fused(kjt).values()
+    assert len(calls) == 3
+    with torch.no_grad(), fused_cpu.mode("off"):
+        assert torch.equal(out, fused(kjt).values())
+
+
+def test_hybrid_keeps_the_tbe_path():
+    coll = CompressedEmbeddingBagCollection([FeatureSpec("y", 100), FeatureSpec("h", 50)], DIM, {"y": Hybrid(hot=10, cold_rows=5), "h": Hash(rows=9)})
+    assert fused_cpu.plan_for(coll).weights is None
 
 
 def test_without_the_compiled_kernels_the_tbe_path_runs(monkeypatch):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import KWay, QR, Full, Hash, MixedDim, MultiHash, Pruned, fused_cpu, fused_lookup, fused_train
+from tablezip.compress import KWay, QR, Full, Hybrid, MixedDim, MultiHash, Pruned, fused_cpu, fused_lookup, fused_train
 from tablezip.compress.pruned import remap_for
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
 from tests.compress.test_fused_lookup import count_calls
@@ -243,12 +243,12 @@ def test_unsupported_optimizer_settings_fall_back(kernel, monkeypatch, replace):
 
 
 def test_other_collections_fall_back(kernel, monkeypatch):
-    """Hash (not covered), Pruned's default row without a remap (no block test expresses it),
+    """Hybrid (no plan covers it), Pruned's default row without a remap (no block test expresses it),
     Full alone (TBE's own pooled lookup) and a TBE whose placeholder does not require grad keep
     the TBE path, and still train like it."""
     calls = spy(monkeypatch)
     features = [FeatureSpec("full", 40), FeatureSpec("other", 600)]
-    for other in (Hash(rows=70), Pruned(keep=50, missing="default", remap=False)):
+    for other in (Hybrid(hot=10, cold_rows=60), Pruned(keep=50, missing="default", remap=False)):
         pair = twins(features, {"full": Full(), "other": other}, TableOptimizer())
         train_both(*pair, batches(["full", "other"], 4)[:2])
         assert kernel.state_for(pair[0]) is None
