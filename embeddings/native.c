@@ -109,31 +109,19 @@ INL void vfill(float *dst, const float s, const int64_t D) {
     const v4 s4 = {s, s, s, s};
     ELEMENTWISE(D, stw(dst + d, sw), st(dst + d, s4), dst[d] = s)
 }
-/* a * b + c for the projections (MixedDim's small matrix products, the only users of vaxpy and
- * vdot): one fused multiply-add where the target has it (-march=native on x86-64 with FMA), else
- * a product and a sum. The projections are equal to the torch path's up to rounding either way
- * (another summation order than BLAS); everything else keeps separate IEEE ops (-ffp-contract=off). */
-#if defined(__FMA__) && defined(__AVX__)
-#include <immintrin.h>
-INL vf vfma(const vf a, const vf b, const vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
-INL v4 v4fma(const v4 a, const v4 b, const v4 c) { return (v4)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c); }
-INL float sfma(const float a, const float b, const float c) { return fmaf(a, b, c); }
-#else
-INL vf vfma(const vf a, const vf b, const vf c) { return a * b + c; }
-INL v4 v4fma(const v4 a, const v4 b, const v4 c) { return a * b + c; }
-INL float sfma(const float a, const float b, const float c) { return a * b + c; }
-#endif
-/* acc += s * w */
+/* acc += s * w (a product, then a sum: no fused multiply-add, so MixedDim's projections are
+ * torch's matrix products bit for bit where those sum in the same order: the server's row reader
+ * checks that against the collection's lookup, tests/serving/test_parity.py) */
 INL void vaxpy(float *acc, const float s, const float *w, const int64_t D) {
     const vf sw = splat(s);
     const v4 s4 = {s, s, s, s};
-    ELEMENTWISE(D, stw(acc + d, vfma(sw, ldw(w + d), ldw(acc + d))), st(acc + d, v4fma(s4, ld(w + d), ld(acc + d))),
-                acc[d] = sfma(s, w[d], acc[d]))
+    ELEMENTWISE(D, stw(acc + d, ldw(acc + d) + sw * ldw(w + d)), st(acc + d, ld(acc + d) + s4 * ld(w + d)),
+                acc[d] += s * w[d])
 }
 INL float vdot(const float *a, const float *b, const int64_t D) {
     if (D % VW == 0) {
         vf sum = ldw(a) * ldw(b);
-        for (int64_t d = VW; d < D; d += VW) sum = vfma(ldw(a + d), ldw(b + d), sum);
+        for (int64_t d = VW; d < D; d += VW) sum = sum + ldw(a + d) * ldw(b + d);
         /* The lanes summed as a tree (halves, then quarters, ...): 3 dependent adds for 8 lanes
          * instead of 8 in a chain. */
         float t[VW];
@@ -144,11 +132,11 @@ INL float vdot(const float *a, const float *b, const int64_t D) {
     }
     if (D % 4 == 0) {
         v4 sum = ld(a) * ld(b);
-        for (int64_t d = 4; d < D; d += 4) sum = v4fma(ld(a + d), ld(b + d), sum);
+        for (int64_t d = 4; d < D; d += 4) sum = sum + ld(a + d) * ld(b + d);
         return (sum[0] + sum[2]) + (sum[1] + sum[3]);
     }
     float sum = 0.0f;
-    for (int64_t d = 0; d < D; d++) sum = sfma(a[d], b[d], sum);
+    for (int64_t d = 0; d < D; d++) sum += a[d] * b[d];
     return sum;
 }
 

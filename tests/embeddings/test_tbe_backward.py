@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import QR, Full, Hash, MixedDim, Unified
+from tablezip.compress import QR, Full, Hash, MixedDim, Unified, fused_cpu
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native, tbe_backward
 from tests.embeddings.test_batched_transform import random_kjt
 
@@ -72,7 +72,11 @@ def with_mode(value: str) -> None:
 
 @pytest.fixture(autouse=True)
 def restore_mode():
-    yield
+    """Also keeps the fused C lookup off: these tests are the TBE path's backward, which it would
+    replace for the Hash, Unified, QR and MixedDim collections here (its own tests:
+    tests/compress/test_fused_cpu.py)."""
+    with fused_cpu.mode("off"):
+        yield
     tbe_backward.set_mode("auto")
 
 
