@@ -1,6 +1,9 @@
-"""The fused lookup and training step on a CPU, in C: the plans of ``fused_lookup`` (inference)
-and ``fused_train`` (training) run by ``tz_fused_forward`` / ``tz_fused_backward``
-(embeddings/native.c) instead of Triton kernels.
+"""The fused lookup and training step on a CPU, in C: the plans of ``fused_lookup`` /
+``fused_train`` (Full, QR / KWay, MultiHash, MixedDim, Pruned), extended by Hash and Unified as
+hashed partitions (``_extra``), run by ``tz_fused_forward`` / ``tz_fused_backward``
+(embeddings/native.c) instead of Triton kernels, for inference and training alike; Hybrid too
+(``fused_lookup.HybridRows``: hot row or hashed cold row). The one layout no plan covers is Pruned
+with ``missing="default"`` and no remap: a collection with such a feature keeps the TBE path.
 
 Why: on a CPU the TBE path of QR / KWay has fbgemm write every partition's pooled rows, a
 [B, 39 x D] fp32 output for 26 features, which the assemble reads back and multiplies. At B=4096,
@@ -20,10 +23,16 @@ the TBE path) and the collection's plan has an op in ``AUTO_OPS``; "on" for ever
 "off" never. The compiled kernels must be available (``embeddings/native.py``); anything the plans
 do not cover keeps the TBE path, which stays the reference the tests compare with.
 
-Exactness: the same as the Triton kernels'. Bags of one id give the TBE path's output bit for bit
-for Full, mult, add, concat and MultiHash (the same products and sums in the same order);
-longer bags and MixedDim's projections are allclose (other summation orders). Tables after a step
-are allclose to the TBE path's (another order for each row's gradient sum).
+Exactness: bags of one id give the TBE path's output bit for bit for Full, mult, add, concat,
+MultiHash, Hash and Unified (the same products and sums in the same order), and MixedDim's one-id
+lookups equal torch's matrix products bit for bit (products then sums, no fused multiply-add: the
+server's row reader relies on it, tests/serving/test_parity.py); longer bags are allclose (other
+summation orders). Tables after a step are allclose to the TBE path's (another order for each
+row's gradient sum). Threads split the bags only in the forward (bit for bit the same output).
+
+Measured (benchmarks/NOTES.md, "Fused CPU lookup and step in C"; 26 Criteo-sample features at 10x,
+one thread, C time over the TBE path's): QR's forward at B=4096 D=64 0.20x (5.6-6.5 against 28.6
+ms), QR/KWay steps 0.63-0.79x everywhere, Hash/Unified forward 0.26-0.28x at B=32768 D=64.
 
 Memory, per collection, kept between steps: an int32 per row of every table (-1 between steps)
 and, grown as needed, an accumulator of the widest row's floats plus two int64s per touched row
@@ -44,7 +53,7 @@ from tablezip.embeddings.tbe import check_offsets
 
 # Plans whose ops take the C path in mode "auto" (Full features, the one-partition "add", ride
 # along with any of them). Measured against the TBE path on the CPU grid (benchmarks/NOTES.md).
-AUTO_OPS = frozenset({"mult", "add", "concat", "multihash", "hashcat", "mixed"})
+AUTO_OPS = frozenset({"mult", "add", "concat", "multihash", "hashcat", "mixed", "hybrid"})
 MAX_PARTITIONS = 16  # partitions (probes) per feature the C step takes
 MAX_BLOCKS = 32  # MixedDim blocks per feature the C kernels take
 
@@ -76,13 +85,18 @@ OPS = {**fused_lookup.OPS, "hashcat": 4}
 def _extra(layout: Any) -> "fused_lookup.DenseBlocks | fused_lookup.HashedParts | None":
     """How the C kernels read a layout fused_lookup does not know: Pruned as D-wide blocks (the
     training step's), Hash as one hashed partition, Unified as its salted chunks (one: a hashed
-    partition; more: their concatenation, each chunk a row of the shared table). Hybrid: None."""
+    partition; more: their concatenation, each chunk a row of the shared table), Hybrid as its
+    rows (hot or hashed cold)."""
     from tablezip.compress import fused_train
     from tablezip.compress.hashing import HashLayout, seed_mix
+    from tablezip.compress.hybrid import HybridLayout
     from tablezip.compress.unified import UnifiedLayout
 
     if type(layout) is HashLayout:
         return fused_lookup.HashedParts(layout.rows, (seed_mix(layout.seed),), "multihash", layout.dim)
+    if type(layout) is HybridLayout:
+        remap = layout.remap if layout.uses_remap else None
+        return fused_lookup.HybridRows(layout.hot, layout.cold_rows, seed_mix(layout.seed), remap)
     if type(layout) is UnifiedLayout:
         seeds = tuple(seed_mix(s) for s in layout.salts)
         op = "multihash" if layout.chunks == 1 else "hashcat"
@@ -98,11 +112,13 @@ def plan_for(collection: Any) -> Any:
     builder with ``_extra``; rebuilt when the storage, a projection or a remap moved."""
     from tablezip.compress.pruned import PrunedLayout
 
-    pruned = [l for l in collection.layouts.values() if type(l) is PrunedLayout]
+    from tablezip.compress.hybrid import HybridLayout
+
+    remapped = [l for l in collection.layouts.values() if type(l) in (PrunedLayout, HybridLayout)]
     key = (
         fused_lookup._storage_key(collection.tbe)
         + fused_lookup._dense_key(collection)
-        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in pruned)
+        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in remapped)
     )
     plan = _PLANS.get(collection)
     if plan is None or plan.key != key:
@@ -111,7 +127,8 @@ def plan_for(collection: Any) -> Any:
 
 
 def plan_ops(plan: Any) -> set[str]:
-    return {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"} | ({"mixed"} if plan.mixed else set())
+    ops = {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"}
+    return ops | ({"mixed"} if plan.mixed else set()) | ({"hybrid"} if plan.hybrid else set())
 
 
 def takes(plan: Any) -> bool:
@@ -124,7 +141,9 @@ def takes(plan: Any) -> bool:
     return _switch.value == "on" or bool(plan_ops(plan) & AUTO_OPS)
 
 
-def _program(features: Sequence[Any], mixed: Sequence[Any], extra: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _program(
+    features: Sequence[Any], mixed: Sequence[Any], hybrid: Sequence[Any], extra: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The records of embeddings/native.c's fused kernels, and where each starts. ``extra``: the
     training state's per-feature (first linear row, table index[, projection-gradient offset])."""
     records: list[list[int]] = []
@@ -143,6 +162,10 @@ def _program(features: Sequence[Any], mixed: Sequence[Any], extra: dict | None) 
             rec += [m.starts[b], m.rows[b], m.table_offsets[b], m.widths[b], int(projection is not None), projection or 0]
             rec += more[3 * b : 3 * b + 3]
         records.append(rec)
+    for h in hybrid:
+        more = extra[("hybrid", h.feature)] if extra is not None else [0, 0]
+        remap = -1 if h.remap_offset is None else h.remap_offset
+        records.append([2, h.feature, 0, int(h.mean), remap, h.remap_size, h.hot, h.cold_rows, h.seed, h.table_offset] + more)
     starts, at = [], 0
     for rec in records:
         starts.append(at)
@@ -152,8 +175,9 @@ def _program(features: Sequence[Any], mixed: Sequence[Any], extra: dict | None) 
     return torch.tensor(flat, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
 
 
-def _max_width(plan: Any) -> int:
-    return max([f.width for f in plan.features] + [w for m in plan.mixed for w in m.widths] + [1])
+def _max_width(plan: Any, dim: int) -> int:
+    widths = [f.width for f in plan.features] + [w for m in plan.mixed for w in m.widths]
+    return max(widths + ([dim] if plan.hybrid else []) + [1])  # (Hybrid's rows are D wide)
 
 
 def forward(
@@ -178,14 +202,14 @@ def forward(
     out = spare.new(plan.weights, batch, num_features * dim)
     program = plan.params.get("c_forward")
     if program is None:
-        program = plan.params["c_forward"] = _program(plan.features, plan.mixed, None)
+        program = plan.params["c_forward"] = _program(plan.features, plan.mixed, plan.hybrid, None)
     prog, starts = program
     if ranks is None and plan.mixed:
         ranks = torch.empty(ids.numel(), dtype=torch.int32)
     lib = native.library()
     used = lib.tz_fused_forward(
         ids.data_ptr(), offsets.data_ptr(), batch, out.data_ptr(), out.stride(0), dim, plan.weights.data_ptr(),
-        native.ptr(plan.remaps), native.ptr(ranks), prog.data_ptr(), starts.data_ptr(), len(starts), _max_width(plan),
+        native.ptr(plan.remaps), native.ptr(ranks), prog.data_ptr(), starts.data_ptr(), len(starts), _max_width(plan, dim),
         fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim),
     )  # fmt: skip
     if used == -2:
@@ -230,11 +254,11 @@ def backward_step(
     plan = state.plan
     program = state.params.get("c_train")
     if program is None:
-        program = state.params["c_train"] = _program(plan.features, plan.mixed, state.params["extra"])
+        program = state.params["c_train"] = _program(plan.features, plan.mixed, plan.hybrid, state.params["extra"])
     prog, starts = program
     # Accumulators: one per touched row, at most one per id and partition (and per row).
     cap = min(state.total_rows, ids.numel() * max(state.max_partitions, 1))
-    width = _max_width(plan)
+    width = _max_width(plan, dim)
     buffers = state.params.get("c_buffers")
     if buffers is None or buffers[0].numel() < 2 * cap:
         buffers = state.params["c_buffers"] = (

@@ -382,6 +382,7 @@ class _Plan:
         self.features = features
         self.mixed = mixed or []
         self.remaps = remaps  # base of the MixedDim remaps' offsets (None: no remap)
+        self.hybrid: list[HybridLookup] = []  # the C kernels' plans only (compress/fused_cpu.py)
         self.params: dict = {}
 
 
@@ -439,8 +440,35 @@ class HashedParts:
     width: int
 
 
+@dataclass(frozen=True)
+class HybridRows:
+    """Hybrid, for the C kernels only: an id's one row is its hot row (through the int32 ``remap``
+    where there is one, else ids below ``hot``), or ``hot`` + the splitmix64 row of the id with
+    ``seed`` (mixed) in ``cold_rows`` (compress/hybrid.py's maths)."""
+
+    hot: int
+    cold_rows: int
+    seed: int
+    remap: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class HybridLookup:
+    """What the C kernels need of one Hybrid feature (``HybridRows`` placed: the table's element
+    offset, the remap's offset from the plan's remap base and its length)."""
+
+    feature: int
+    mean: bool
+    hot: int
+    cold_rows: int
+    seed: int
+    table_offset: int
+    remap_offset: int | None
+    remap_size: int
+
+
 def _build_plan(
-    collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks | HashedParts | None] | None = None
+    collection: Any, key: tuple, extra: Callable[[Any], DenseBlocks | HashedParts | HybridRows | None] | None = None
 ) -> _Plan:
     """The kernels' arguments for ``collection``. ``extra``: how to read the layouts of other types
     (None: that layout is not supported), for the fused training step's and the C kernels' plans."""
@@ -476,7 +504,7 @@ def _build_plan(
     # The lowest-addressed remap is the base: every remap offset is then >= 0.
     remap_list = sorted(
         [l.remap for l in layouts if isinstance(l, MixedDimLayout) and l.remap is not None]
-        + [b.remap for b in blocks.values() if isinstance(b, DenseBlocks) and b.remap is not None],
+        + [b.remap for b in blocks.values() if isinstance(b, (DenseBlocks, HybridRows)) and b.remap is not None],
         key=lambda r: r.data_ptr(),
     )
     if any(r.device != base.device or r.dtype != torch.int32 or not r.is_contiguous() for r in remap_list):
@@ -490,11 +518,17 @@ def _build_plan(
                 return unsupported
             if l.remap is not None and l.remap.dtype != torch.int32:
                 return unsupported
-    features, mixed = [], []
+    features, mixed, hybrid = [], [], []
     for f, (layout, feature) in enumerate(zip(layouts, collection.features)):
         slots = collection.feature_tables(feature.name)
         offsets = tuple((tables[t].data_ptr() - base.data_ptr()) // 4 for t in slots)
         mean = feature.pooling.value == "mean"
+        if isinstance(blocks.get(f), HybridRows):  # the C kernels' Hybrid
+            y = blocks[f]
+            remap_at = None if y.remap is None else (y.remap.data_ptr() - remap_list[0].data_ptr()) // 4
+            size = 0 if y.remap is None else y.remap.numel()
+            hybrid.append(HybridLookup(f, mean, y.hot, y.cold_rows, y.seed, offsets[0], remap_at, size))
+            continue
         if isinstance(blocks.get(f), HashedParts):  # the C kernels' Hash and Unified
             h = blocks[f]
             features.append(FeatureLookup(f, feature.num_embeddings, h.op, (h.rows,) * len(h.seeds), offsets, h.width, mean, h.seeds))
@@ -532,7 +566,9 @@ def _build_plan(
         features.append(
             FeatureLookup(f, feature.num_embeddings, op, partitions, offsets, width, mean, seeds)
         )
-    return _Plan(key, base, features, mixed, remap_list[0] if remap_list else None)
+    plan = _Plan(key, base, features, mixed, remap_list[0] if remap_list else None)
+    plan.hybrid = hybrid
+    return plan
 
 
 def plan_for(collection: Any) -> _Plan:

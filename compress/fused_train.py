@@ -640,6 +640,9 @@ def _build_state(collection: Any, plan: Any, key: tuple, native: bool = False) -
     for f in plan.features:
         slots = [table_of[offset] for offset in f.table_offsets]
         extra[f.feature] = [x for t in slots for x in (row_base[t], t)]
+    for h in plan.hybrid:  # (the C kernels' plans only)
+        t = table_of[h.table_offset]
+        extra[("hybrid", h.feature)] = [row_base[t], t]
     # MixedDim blocks: (first flag, table index, offset of the projection's gradient); the
     # projection Parameters in the order of their gradients.
     layouts = list(collection.layouts.values())

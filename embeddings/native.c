@@ -652,6 +652,8 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col
  * Program: one record per feature, at rec_start[i]:
  *   parts (kind 0): kind, feature, n, mean, op, K, width, then K x (stride or probe seed, radix,
  *                   table element offset, first linear row, table index);
+ *   hybrid (kind 2): kind, feature, -, mean, remap element offset (-1: none), remap length, hot rows,
+ *                   cold rows, mixed seed, table element offset, first linear row, table index;
  *   mixed (kind 1): kind, feature, n, mean, remap element offset (-1: none), NB, then NB x (first
  *                   rank, rows, table element offset, width, projected (0: the row is D wide),
  *                   projection element offset (may be negative), first linear row, table index,
@@ -694,6 +696,26 @@ INL int64_t fu_digit(const int64_t id, const int64_t *part, const int64_t j, con
     }
     const int64_t q = id / part[0];
     return j > 0 ? q % part[1] : q;
+}
+
+/* Row of an id in a hybrid record's table (compress/hybrid.py): its hot row (the remap's value
+ * where it is >= 0, or the id itself below `hot` without a remap), else hot + its hashed cold row.
+ * A row past the table (a corrupted remap) is returned as it is, for the caller to refuse. */
+INL int64_t fu_hybrid_row(const int64_t *rec, const int64_t id, const int32_t *remaps, const uint64_t mix1,
+                          const uint64_t mix2) {
+    const int64_t hot = rec[6];
+    int64_t row = -1;
+    if (rec[4] >= 0) {
+        if (id >= 0 && id < rec[5]) row = (int64_t)remaps[rec[4] + id];
+    } else if (id >= 0 && id < hot) {
+        row = id;
+    }
+    if (row >= 0) return row;
+    uint64_t z = (uint64_t)(id ^ rec[8]);
+    z = (z ^ (z >> 30)) * mix1;
+    z = (z ^ (z >> 27)) * mix2;
+    z = z ^ (z >> 31);
+    return (int64_t)((z >> 1) % (uint64_t)rec[7]) + hot;
 }
 
 /* Rank of an id in a mixed record (fused_lookup's mixed_ranks): OOV map, then the remap. */
@@ -799,6 +821,21 @@ static int fu_gather_ranks(fused_job_t *job, const int64_t *rec) {
     return bad ? 2 : 0;
 }
 
+/* A hybrid record's bag: its ids' rows summed (0: a row past the table). */
+INL int fu_hybrid_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, float *acc, const int64_t D) {
+    const int64_t f = rec[1];
+    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
+    const int64_t rows = rec[6] + rec[7];
+    vfill(acc, 0.0f, D);
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t row = fu_hybrid_row(rec, job->ids[p], job->remaps, job->mix1, job->mix2);
+        if (row >= rows) return 2;
+        vadd(acc, acc, job->weights + rec[9] + row * D, D);
+    }
+    if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
+    return 0;
+}
+
 static void *run_fused_forward(void *arg) {
     fused_job_t *job = (fused_job_t *)arg;
     const int64_t D = job->dim;
@@ -815,6 +852,9 @@ static void *run_fused_forward(void *arg) {
             float *acc = out + b * job->out_stride;
             if (rec[0] == 0) {
                 PER_D(fu_parts_forward(job, rec, b, acc, DC))
+            } else if (rec[0] == 2) {
+                PER_D(job->status = fu_hybrid_forward(job, rec, b, acc, DC))
+                if (job->status) break;
             } else {
                 if (b == job->bag_begin && (job->status = fu_gather_ranks(job, rec))) break;
                 PER_D(fu_mixed_forward(job, rec, b, acc, pooled, DC))
@@ -829,7 +869,8 @@ static void *run_fused_forward(void *arg) {
  * ranks: one int32 per id, where the mixed records' ranks are written (NULL only without mixed
  * records); the backward reads them instead of gathering the remaps again (random reads into
  * tables of millions of ints: the largest cost of MixedDim's step when gathered twice). 
- * Returns the threads used, -1 (out of memory) or -2 (a remap value outside [-1, n]). */
+ * Returns the threads used, -1 (out of memory) or -2 (a corrupted remap: a MixedDim / Pruned rank
+ * outside [-1, n], or a Hybrid row past its table). */
 int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, float *out, int64_t out_stride,
                      int64_t dim, const float *weights, const int32_t *remaps, int32_t *ranks, const int64_t *prog,
                      const int64_t *rec_start, int64_t nrec, int64_t max_width, uint64_t mix1, uint64_t mix2,
@@ -904,6 +945,33 @@ INL float *fu_row(fu_rows_t *rs, const int64_t lin, const int64_t table, int *fi
 /* a = x on a row's first touch, else a += x. */
 INL void fu_add(float *a, const float *x, const int first, const int64_t W) {
     if (first) vcopy(a, x, W); else vadd(a, a, x, W);
+}
+
+/* A hybrid record's bags: each id's row gets the bag's gradient. */
+INL int64_t fu_hybrid_backward(const int64_t *rec, const int64_t *ids, const int64_t *offsets, const int64_t batch,
+                               const float *g, const int64_t g_stride0, const int64_t g_stride1, const int32_t *remaps,
+                               fu_rows_t *rs, float *gb, const uint64_t mix1, const uint64_t mix2, const int64_t D) {
+    const int64_t f = rec[1], mean = rec[3], rows = rec[6] + rec[7];
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
+        if (lo == hi) continue;
+        const float *src = g + b * g_stride0 + f * D * g_stride1;
+        const float *gv = src;
+        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
+            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
+            gv = gb;
+        }
+        for (int64_t p = lo; p < hi; p++) {
+            const int64_t row = fu_hybrid_row(rec, ids[p], remaps, mix1, mix2);
+            if (row >= rows) return -2;
+            int first;
+            float *a = fu_row(rs, rec[10] + row, rec[11], &first);
+            if (!a) return -1;
+            fu_add(a, gv, first, D);
+        }
+    }
+    return 0;
 }
 
 /* One parts record's bags (QR / KWay / MultiHash / Hash / Unified / Full): each id's partition rows
@@ -990,6 +1058,11 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
         if (rec[0] == 0) {
             PER_D(status = fu_parts_backward(rec, ids, offsets, batch, g, g_stride0, g_stride1, weights, &rs, gb,
                                              part_grad, mix1, mix2, DC))
+            continue;
+        }
+        if (rec[0] == 2) {
+            PER_D(status = fu_hybrid_backward(rec, ids, offsets, batch, g, g_stride0, g_stride1, remaps, &rs, gb, mix1,
+                                              mix2, DC))
             continue;
         }
         const int64_t f = rec[1], mean = rec[3];

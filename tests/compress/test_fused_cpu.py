@@ -87,8 +87,43 @@ def test_hash_and_unified_train_like_the_tbe_path(monkeypatch, optimizer):
         assert torch.equal(out, fused(kjt).values())
 
 
-def test_hybrid_keeps_the_tbe_path():
-    coll = CompressedEmbeddingBagCollection([FeatureSpec("y", 100), FeatureSpec("h", 50)], DIM, {"y": Hybrid(hot=10, cold_rows=5), "h": Hash(rows=9)})
+# Hybrid: hot ids through a scattered remap or a prefix, the others hashed into the cold rows.
+HYBRID_FEATURES = [FeatureSpec("full", 40), FeatureSpec("y_remap", 300, counts=list(range(300))), FeatureSpec("y_prefix", 200, pooling="mean"), FeatureSpec("qr", 300)]
+HYBRID_METHODS = {"full": Full(), "y_remap": Hybrid(hot=30, cold_rows=20), "y_prefix": Hybrid(hot=25, cold_rows=9, seed=4), "qr": QR(collisions=7)}
+HYBRID_NAMES = [f.name for f in HYBRID_FEATURES]
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
+def test_hybrid_trains_like_the_tbe_path(monkeypatch, optimizer):
+    calls = count_calls(monkeypatch, fused_cpu, "backward_step")
+    fused, reference = twins(HYBRID_FEATURES, HYBRID_METHODS, TableOptimizer(kind=optimizer, lr=0.05))
+    assert fused.layouts["y_remap"].uses_remap and not fused.layouts["y_prefix"].uses_remap
+    plan = fused_cpu.plan_for(fused)
+    assert [h.feature for h in plan.hybrid] == [1, 2] and plan.hybrid[0].remap_offset is not None
+    with fused_cpu.mode("on"):
+        train_both(fused, reference, batches(HYBRID_NAMES, 13))
+        kjt = batches(HYBRID_NAMES, 14)[0]
+        with torch.no_grad():
+            out = fused(kjt).values()
+    assert len(calls) == 3
+    with torch.no_grad(), fused_cpu.mode("off"):
+        assert torch.equal(out, fused(kjt).values())
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
+def test_a_corrupted_hybrid_remap_is_refused(grad_enabled):
+    coll = CompressedEmbeddingBagCollection(HYBRID_FEATURES, DIM, HYBRID_METHODS)
+    with torch.no_grad():
+        coll.layouts["y_remap"].remap[3] = 10_000
+    kjt = KeyedJaggedTensor(keys=HYBRID_NAMES, values=torch.tensor([1, 3, 2, 3, 5, 3, 1, 2]), lengths=torch.ones(8, dtype=torch.long))
+    with fused_cpu.mode("on"), torch.set_grad_enabled(grad_enabled):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            coll(kjt)
+
+
+def test_pruned_default_rows_without_a_remap_keep_the_tbe_path():
+    """The one layout no C plan covers (no block test expresses "every id past keep")."""
+    coll = CompressedEmbeddingBagCollection([FeatureSpec("p", 100), FeatureSpec("h", 50)], DIM, {"p": Pruned(keep=10, missing="default", remap=False), "h": Hash(rows=9)})
     assert fused_cpu.plan_for(coll).weights is None
 
 

@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import numpy as np
 
-from tablezip.compress import KWay, QR, Full, Hybrid, MixedDim, MultiHash, fused_cpu, fused_lookup, fused_train
+from tablezip.compress import KWay, QR, Full, MixedDim, MultiHash, Pruned, fused_cpu, fused_lookup, fused_train
 from tablezip.compress.hashing import MIX
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec, TableOptimizer, native
 from tests.conftest import random_kjt
@@ -179,9 +179,9 @@ def test_inference_mode_and_trained_tables_are_read_live(kernel):
 def test_collections_the_kernel_does_not_cover_take_the_tbe_path(kernel, monkeypatch):
     calls = spy(monkeypatch)
     kjt = one_id_kjt(NAMES[:2], 8, 6)
-    # Hybrid: no plan covers it (the C kernel takes Hash, which Triton's does not: both keep Hybrid
-    # on the TBE path); Full alone is TBE's own pooled lookup.
-    for methods in ({"full": Full(), "qr": Hybrid(hot=10, cold_rows=40)}, {"full": Full(), "qr": Full()}):
+    # Pruned's default row without a remap: no plan covers it (Triton's inference plan takes no
+    # Pruned at all; the C plan no block test for that default row); Full alone is TBE's own lookup.
+    for methods in ({"full": Full(), "qr": Pruned(keep=20, missing="default", remap=False)}, {"full": Full(), "qr": Full()}):
         coll = CompressedEmbeddingBagCollection(FEATURES[:2], DIM, methods)
         reference, out = both(coll, kjt)
         assert torch.equal(reference, out)

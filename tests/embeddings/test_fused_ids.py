@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import Iterator
 
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from tablezip.compress import Full, Hash, Hybrid, Pruned, fused_ids
+from tablezip.compress import Full, Hash, Hybrid, Pruned, fused_cpu, fused_ids
 from tablezip.compress.hashing import hash_ids, hash_rows, seed_mix
 from tablezip.embeddings import CompressedEmbeddingBagCollection, FeatureSpec
 from tablezip.embeddings.registry import IdBatch
@@ -23,6 +24,14 @@ from tests.embeddings.test_conformance import build
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (CI: the torch path only)")
+
+
+@pytest.fixture(autouse=True)
+def tbe_path() -> Iterator[None]:
+    """The id transforms are the TBE path's: the fused C lookup (compress/fused_cpu.py), which reads
+    Hash, Hybrid and Pruned rows itself, is off here (its own tests compare it with this path)."""
+    with fused_cpu.mode("off"):
+        yield
 
 
 @pytest.fixture
