@@ -213,7 +213,7 @@ def forward(
         fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim),
     )  # fmt: skip
     if used == -2:
-        raise RuntimeError("tablezip: a remap value is out of bounds (a corrupted MixedDim or Pruned remap)")
+        raise RuntimeError("tablezip: a remap value is out of bounds (a corrupted MixedDim, Pruned or Hybrid remap)")
     if used < 0:
         raise MemoryError("tablezip: the fused CPU lookup ran out of memory")
     return out

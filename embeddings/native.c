@@ -974,6 +974,67 @@ INL int64_t fu_hybrid_backward(const int64_t *rec, const int64_t *ids, const int
     return 0;
 }
 
+/* A mixed record's bags (MixedDim, Pruned): each id's block row gets the bag's gradient, through
+ * P_k^T for a projected block (computed once per bag and block), and the projections' gradients
+ * get pooled_k^T g per bag. proj_rows, pooled: room floats per block. */
+INL int64_t fu_mixed_backward(const int64_t *rec, const int64_t *ids, const int64_t *offsets, const int64_t batch,
+                              const float *g, const int64_t g_stride0, const int64_t g_stride1, const float *weights,
+                              const int32_t *remaps, const int32_t *ranks, fu_rows_t *rs, float *gb,
+                              float *proj_rows, float *pooled, const int64_t room, float *proj_grad, const int64_t D) {
+    const int64_t f = rec[1], mean = rec[3], NB = rec[5];
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
+        if (lo == hi) continue;
+        const float *src = g + b * g_stride0 + f * D * g_stride1;
+        const float *gv = src;
+        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
+            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
+            gv = gb;
+        } else {
+            __builtin_prefetch(src + 8 * g_stride0);
+        }
+        unsigned used = 0;
+        for (int64_t p = lo; p < hi; p++) {
+            const int64_t rank = ranks ? (int64_t)ranks[p] : fu_rank(rec, ids[p], remaps);
+            if (fu_bad_rank(rec, rank)) return -2;
+            for (int64_t k = 0; k < NB; k++) {
+                const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+                const int64_t local = rank - blk[0];
+                if (local < 0 || local >= blk[1]) continue;
+                const int64_t w = blk[3];
+                int first;
+                float *a = fu_row(rs, blk[6] + local, blk[7], &first);
+                if (!a) return -1;
+                if (!blk[4]) {
+                    fu_add(a, gv, first, D);
+                    continue;
+                }
+                const float *pt = weights + blk[5]; /* P_k^T [w, D]: the row's gradient is P_k^T g */
+                float *rg = proj_rows + k * room, *pk = pooled + k * room;
+                const float *row = weights + blk[2] + local * w;
+                if (!(used & (1u << k))) {
+                    used |= 1u << k;
+                    for (int64_t c = 0; c < w; c++) rg[c] = vdot(pt + c * D, gv, D);
+                    vcopy(pk, row, w);
+                } else {
+                    for (int64_t c = 0; c < w; c++) pk[c] += row[c];
+                }
+                fu_add(a, rg, first, w);
+            }
+        }
+        /* dL/dP_k^T = pooled_k^T g, summed over bags */
+        for (int64_t k = 0; used && proj_grad && k < NB; k++) {
+            if (!(used & (1u << k))) continue;
+            const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+            float *pg = proj_grad + blk[8];
+            const float *pk = pooled + k * room;
+            for (int64_t c = 0; c < blk[3]; c++) vaxpy(pg + c * D, pk[c], gv, D);
+        }
+    }
+    return 0;
+}
+
 /* One parts record's bags (QR / KWay / MultiHash / Hash / Unified / Full): each id's partition rows
  * get their gradient. gb: room for D floats (a copy of the bag's gradient where it is strided or
  * averaged); part_grad: room for W. D a compile-time constant where it is a common width. */
@@ -1065,54 +1126,8 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
                                               mix2, DC))
             continue;
         }
-        const int64_t f = rec[1], mean = rec[3];
-        for (int64_t b = 0; b < batch && !status; b++) {
-            const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
-            if (lo == hi) continue;
-            const float *src = g + b * g_stride0 + f * D * g_stride1;
-            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
-            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
-            {
-                const int64_t NB = rec[5];
-                unsigned used = 0;
-                for (int64_t p = lo; p < hi && !status; p++) {
-                    const int64_t rank = ranks ? (int64_t)ranks[p] : fu_rank(rec, ids[p], remaps);
-                    if (fu_bad_rank(rec, rank)) { status = -2; break; }
-                    for (int64_t k = 0; k < NB; k++) {
-                        const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
-                        const int64_t local = rank - blk[0];
-                        if (local < 0 || local >= blk[1]) continue;
-                        const int64_t w = blk[3];
-                        int first;
-                        float *a = fu_row(&rs, blk[6] + local, blk[7], &first);
-                        if (!a) { status = -1; break; }
-                        if (!blk[4]) {
-                            fu_add(a, gb, first, D);
-                            continue;
-                        }
-                        const float *pt = weights + blk[5]; /* P_k^T [w, D]: the row's gradient is P_k^T g */
-                        float *rg = proj_rows + k * room, *pk = pooled + k * room;
-                        const float *row = weights + blk[2] + local * w;
-                        if (!(used & (1u << k))) {
-                            used |= 1u << k;
-                            for (int64_t c = 0; c < w; c++) rg[c] = vdot(pt + c * D, gb, D);
-                            vcopy(pk, row, w);
-                        } else {
-                            for (int64_t c = 0; c < w; c++) pk[c] += row[c];
-                        }
-                        fu_add(a, rg, first, w);
-                    }
-                }
-                /* dL/dP_k^T = pooled_k^T g, summed over bags */
-                for (int64_t k = 0; used && proj_grad && k < NB; k++) {
-                    if (!(used & (1u << k))) continue;
-                    const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
-                    float *pg = proj_grad + blk[8];
-                    const float *pk = pooled + k * room;
-                    for (int64_t c = 0; c < blk[3]; c++) vaxpy(pg + c * D, pk[c], gb, D);
-                }
-            }
-        }
+        PER_D(status = fu_mixed_backward(rec, ids, offsets, batch, g, g_stride0, g_stride1, weights, remaps, ranks,
+                                         &rs, gb, proj_rows, pooled, room, proj_grad, DC))
     }
     free(gb);
     if (status) {
