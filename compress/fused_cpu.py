@@ -110,20 +110,10 @@ _PLANS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 def plan_for(collection: Any) -> Any:
     """The C kernels' plan of ``collection`` (``weights`` None: not covered): fused_lookup's
     builder with ``_extra``; rebuilt when the storage, a projection or a remap moved."""
+    from tablezip.compress.hybrid import HybridLayout
     from tablezip.compress.pruned import PrunedLayout
 
-    from tablezip.compress.hybrid import HybridLayout
-
-    remapped = [l for l in collection.layouts.values() if type(l) in (PrunedLayout, HybridLayout)]
-    key = (
-        fused_lookup._storage_key(collection.tbe)
-        + fused_lookup._dense_key(collection)
-        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in remapped)
-    )
-    plan = _PLANS.get(collection)
-    if plan is None or plan.key != key:
-        plan = _PLANS[collection] = fused_lookup._build_plan(collection, key, extra=_extra)
-    return plan
+    return fused_lookup.cached_plan(_PLANS, collection, (PrunedLayout, HybridLayout), _extra)
 
 
 def plan_ops(plan: Any) -> set[str]:

@@ -571,6 +571,24 @@ def _build_plan(
     return plan
 
 
+def cached_plan(
+    cache: "weakref.WeakKeyDictionary[Any, _Plan]", collection: Any, remapped: tuple[type, ...], extra: Callable[[Any], Any]
+) -> _Plan:
+    """``_build_plan(collection, extra=extra)``, kept in ``cache`` and rebuilt when the TBE's storage,
+    the MixedDim tensors or the remap of a layout of the ``remapped`` types moved (the fused training
+    step's and the C kernels' plans)."""
+    layouts = [l for l in collection.layouts.values() if type(l) in remapped]
+    key = (
+        _storage_key(collection.tbe)
+        + _dense_key(collection)
+        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in layouts)
+    )
+    plan = cache.get(collection)
+    if plan is None or plan.key != key:
+        plan = cache[collection] = _build_plan(collection, key, extra=extra)
+    return plan
+
+
 def plan_for(collection: Any) -> _Plan:
     """The collection's kernel plan (``weights`` None: not supported), rebuilt when the TBE's
     storage or the dense tensors it points into moved. Shared with the fused training path

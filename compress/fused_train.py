@@ -578,18 +578,9 @@ def plan_for(collection: Any) -> Any:
     cached here; rebuilt when the storage, the projections or a remap moved."""
     from tablezip.compress.pruned import PrunedLayout
 
-    pruned = [l for l in collection.layouts.values() if type(l) is PrunedLayout]
-    if not pruned:
+    if not any(type(l) is PrunedLayout for l in collection.layouts.values()):
         return fused_lookup.plan_for(collection)
-    key = (
-        fused_lookup._storage_key(collection.tbe)
-        + fused_lookup._dense_key(collection)
-        + tuple(l.remap.data_ptr() if l.uses_remap else None for l in pruned)
-    )
-    plan = _PLANS.get(collection)
-    if plan is None or plan.key != key:
-        plan = _PLANS[collection] = fused_lookup._build_plan(collection, key, extra=_pruned_blocks)
-    return plan
+    return fused_lookup.cached_plan(_PLANS, collection, (PrunedLayout,), _pruned_blocks)
 
 
 def _build_state(collection: Any, plan: Any, key: tuple, native: bool = False) -> _TrainState | None:

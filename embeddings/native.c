@@ -947,6 +947,21 @@ INL void fu_add(float *a, const float *x, const int first, const int64_t W) {
     if (first) vcopy(a, x, W); else vadd(a, a, x, W);
 }
 
+/* Feature f's gradient in bag b: the output gradient's row slice where it is contiguous and the
+ * bag is summed (the row a few bags on asked for early: a column block per feature, a row apart),
+ * else a copy in gb, divided by the bag's length for mean pooling. */
+INL const float *fu_bag_grad(const float *g, const int64_t g_stride0, const int64_t g_stride1, const int64_t f,
+                             const int64_t b, const int64_t len, const int64_t mean, float *gb, const int64_t D) {
+    const float *src = g + b * g_stride0 + f * D * g_stride1;
+    if (g_stride1 == 1 && !(mean && len > 1)) {
+        __builtin_prefetch(src + 8 * g_stride0);
+        return src;
+    }
+    for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+    if (mean && len > 1) vdiv(gb, gb, (float)len, D);
+    return gb;
+}
+
 /* A hybrid record's bags: each id's row gets the bag's gradient. */
 INL int64_t fu_hybrid_backward(const int64_t *rec, const int64_t *ids, const int64_t *offsets, const int64_t batch,
                                const float *g, const int64_t g_stride0, const int64_t g_stride1, const int32_t *remaps,
@@ -955,13 +970,7 @@ INL int64_t fu_hybrid_backward(const int64_t *rec, const int64_t *ids, const int
     for (int64_t b = 0; b < batch; b++) {
         const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
         if (lo == hi) continue;
-        const float *src = g + b * g_stride0 + f * D * g_stride1;
-        const float *gv = src;
-        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
-            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
-            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
-            gv = gb;
-        }
+        const float *gv = fu_bag_grad(g, g_stride0, g_stride1, f, b, hi - lo, mean, gb, D);
         for (int64_t p = lo; p < hi; p++) {
             const int64_t row = fu_hybrid_row(rec, ids[p], remaps, mix1, mix2);
             if (row >= rows) return -2;
@@ -985,15 +994,7 @@ INL int64_t fu_mixed_backward(const int64_t *rec, const int64_t *ids, const int6
     for (int64_t b = 0; b < batch; b++) {
         const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
         if (lo == hi) continue;
-        const float *src = g + b * g_stride0 + f * D * g_stride1;
-        const float *gv = src;
-        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
-            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
-            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
-            gv = gb;
-        } else {
-            __builtin_prefetch(src + 8 * g_stride0);
-        }
+        const float *gv = fu_bag_grad(g, g_stride0, g_stride1, f, b, hi - lo, mean, gb, D);
         unsigned used = 0;
         for (int64_t p = lo; p < hi; p++) {
             const int64_t rank = ranks ? (int64_t)ranks[p] : fu_rank(rec, ids[p], remaps);
@@ -1048,15 +1049,7 @@ INL int64_t fu_parts_backward(const int64_t *rec, const int64_t *ids, const int6
     for (int64_t b = 0; b < batch; b++) {
         const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
         if (lo == hi) continue;
-        const float *src = g + b * g_stride0 + f * D * g_stride1;
-        const float *gv = src;
-        if (g_stride1 != 1 || (mean && hi - lo > 1)) {
-            for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
-            if (mean && hi - lo > 1) vdiv(gb, gb, (float)(hi - lo), D);
-            gv = gb;
-        } else {
-            __builtin_prefetch(src + 8 * g_stride0); /* a column block per feature, a row apart */
-        }
+        const float *gv = fu_bag_grad(g, g_stride0, g_stride1, f, b, hi - lo, mean, gb, D);
         for (int64_t p = lo; p < hi; p++) {
             int64_t id = ids[p];
             if (!FU_HASHED(op)) id = (id >= 0 && id < n) ? id : n;
