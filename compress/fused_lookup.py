@@ -26,8 +26,9 @@ projections are used as they are), accumulated over the bag. Ranks past every bl
 read nothing: a zero vector, as the TBE path's dropped ids. Why: the TBE path pays per-block
 slots, drop handling and a projection pass over the pooled output (2.77x Full's forward).
 
-On a CPU, mode "auto" hands the same plan (with Pruned, as the training step's) to the compiled
-C kernel of compress/fused_cpu.py instead (its own switch, ``fused_cpu.mode``).
+On a CPU, mode "auto" hands the collection to the compiled C kernel of compress/fused_cpu.py
+instead, on that module's plan (this one plus Pruned, Hash, Unified and Hybrid; its own switch,
+``fused_cpu.mode``).
 
 When: inference only (``torch.is_grad_enabled()`` False: ``no_grad`` or ``inference_mode``),
 ids on CUDA and Triton importable (``mode("auto")``), every feature Full or QR/KWay, and the
@@ -601,9 +602,9 @@ def plan_for(collection: Any) -> _Plan:
 
 
 def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """The collection's pooled output [batch, F * D] from the fused kernel, or None where the
-    TBE path must run (not enabled: training, CPU under "auto", no Triton; or a collection the
-    kernel does not cover). ``ids``/``offsets``: the ordered KJT's values and offsets."""
+    """The collection's pooled output [batch, F * D] from the fused kernel (Triton's on CUDA, the C
+    kernel on a CPU under "auto"), or None where the TBE path must run (training, mode "off", no
+    Triton or compiler, or a collection the kernels do not cover). ``ids``/``offsets``: the ordered KJT's values and offsets."""
     from tablezip.compress import fused_cpu
 
     if torch.is_grad_enabled():
@@ -612,7 +613,7 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
         if not fused_cpu.wanted(ids, _switch.value):
             return None
         # On a CPU in mode "auto": the C kernel (compress/fused_cpu.py), on its own plan, which
-        # also covers Pruned, Hash and Unified (Pruned's C forward: 0.55-0.85x the TBE path's time).
+        # also covers Pruned, Hash, Unified and Hybrid.
         plan = fused_cpu.plan_for(collection)
         if not fused_cpu.takes(plan):
             return None
