@@ -212,13 +212,14 @@ def forward(
 _STATES: "weakref.WeakKeyDictionary[Any, tuple[tuple, Any]]" = weakref.WeakKeyDictionary()
 
 
-def state_for(collection: Any) -> Any:
+def state_for(collection: Any, plan: Any = None) -> Any:
     """The collection's C training state (fused_train's ``_TrainState`` built ``native``), or None
     where training keeps the TBE path; rebuilt when the tables, optimizer state, a projection or a
-    remap moved."""
+    remap moved. ``plan``: ``plan_for(collection)`` where the caller has it already (each training
+    step does: its key reads every layout)."""
     from tablezip.compress import fused_train
 
-    plan = plan_for(collection)
+    plan = plan_for(collection) if plan is None else plan
     key = plan.key + fused_train._state_key(collection.tbe)
     cached = _STATES.get(collection)
     if cached is None or cached[0] != key:

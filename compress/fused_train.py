@@ -845,11 +845,12 @@ def pooled(collection: Any, ids: torch.Tensor, offsets: torch.Tensor, batch: int
     if not isinstance(placeholder, torch.Tensor) or not placeholder.requires_grad:
         return None
     # Checked before the state: a skipped collection never allocates the step's buffers.
-    if in_c and not fused_cpu.takes(fused_cpu.plan_for(collection)):
+    c_plan = fused_cpu.plan_for(collection) if in_c else None
+    if in_c and not fused_cpu.takes(c_plan):
         return None
     if not in_c and _switch.value == "auto" and not auto_wants(plan_for(collection)):
         return None
-    state = fused_cpu.state_for(collection) if in_c else state_for(collection)
+    state = fused_cpu.state_for(collection, c_plan) if in_c else state_for(collection)
     if state is None or state.plan.weights.device != ids.device:
         return None
     _advance_iter(collection.tbe, state.optimizer)

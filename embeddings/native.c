@@ -445,6 +445,17 @@ int64_t tz_compact_unit_bags(const int64_t *ids, int64_t n, const int64_t *keep_
     return kept;
 }
 
+/* splitmix64's finaliser of id ^ mixed seed on uint64, its top 63 bits modulo rows: the Hash
+ * maths of compress/hashing.py (and fused_ids' rows_kernel), shared by every C pass that hashes. */
+INL int64_t hashed_row(const int64_t id, const int64_t mixed_seed, const uint64_t rows, const uint64_t mix1,
+                       const uint64_t mix2) {
+    uint64_t z = (uint64_t)(id ^ mixed_seed);
+    z = (z ^ (z >> 30)) * mix1;
+    z = (z ^ (z >> 27)) * mix2;
+    z = z ^ (z >> 31);
+    return (int64_t)((z >> 1) % rows);
+}
+
 /* The rows of a group of ids, feature by feature (`counts[f]` ids each, read from feature_ids[f]:
  * the features' own tensors, not joined first; written to out in feature order), exactly as
  * compress/fused_ids.py's rows_kernel and the torch paths compute them (integer maths: equal bit
@@ -480,12 +491,7 @@ void tz_rows(const int64_t *const *feature_ids, int64_t *out, const int64_t *cou
             const uint64_t rows = (uint64_t)a;
             for (int64_t i = at; i < end; i++) {
                 const int64_t id = src[i - at];
-                /* splitmix64's finaliser of id ^ mixed seed on uint64; the top 63 bits modulo rows */
-                uint64_t z = (uint64_t)(id ^ b);
-                z = (z ^ (z >> 30)) * mix1;
-                z = (z ^ (z >> 27)) * mix2;
-                z = z ^ (z >> 31);
-                const int64_t hashed = (int64_t)((z >> 1) % rows);
+                const int64_t hashed = hashed_row(id, b, rows, mix1, mix2);
                 if (mode == 0) {
                     out[i] = hashed;
                 } else { /* HYBRID: hot ids read their exact row, the others hot + hash */
@@ -558,6 +564,26 @@ INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, con
         for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
 }
 
+/* fbgemm's update of one row (W floats at w, its state at m) with the row's summed gradient g:
+ * tz_tbe_backward's and tz_fused_backward's optimizer step (formulas: see tz_tbe_backward). */
+INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
+                   const float eps) {
+    if (optimizer == 0) {
+        float sum = 0.0f;
+        for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
+        *m += sum / (float)W;
+        const float step = lr / (sqrtf(*m) + eps);
+        for (int64_t d = 0; d < W; d++) w[d] -= step * g[d];
+    } else if (optimizer == 1) {
+        for (int64_t d = 0; d < W; d++) {
+            m[d] += g[d] * g[d];
+            w[d] -= lr * g[d] / (sqrtf(m[d]) + eps);
+        }
+    } else {
+        for (int64_t d = 0; d < W; d++) w[d] -= lr * g[d];
+    }
+}
+
 int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col_stride, const int64_t *indices,
                         const int64_t *offsets, const float *sample_weights, int64_t nfeatures, int64_t batch,
                         const int64_t *feat, float *weights, float *state, int32_t *slot, int64_t *touched,
@@ -615,24 +641,8 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col
         const int64_t lin = touched[2 * s], f = touched[2 * s + 1];
         const int64_t *q = feat + 6 * f;
         const int64_t row = lin - q[0], D = q[3];
-        float *w = weights + q[2] + row * D;
-        const float *g = acc + s * max_d;
-        if (optimizer == 0) {
-            float sum = 0.0f;
-            for (int64_t d = 0; d < D; d++) sum += g[d] * g[d];
-            float *m = state + q[5] + row;
-            *m += sum / (float)D;
-            const float step = lr / (sqrtf(*m) + eps);
-            for (int64_t d = 0; d < D; d++) w[d] -= step * g[d];
-        } else if (optimizer == 1) {
-            float *m = state + q[5] + row * D;
-            for (int64_t d = 0; d < D; d++) {
-                m[d] += g[d] * g[d];
-                w[d] -= lr * g[d] / (sqrtf(m[d]) + eps);
-            }
-        } else {
-            for (int64_t d = 0; d < D; d++) w[d] -= lr * g[d];
-        }
+        float *m = optimizer == 0 ? state + q[5] + row : optimizer == 1 ? state + q[5] + row * D : NULL;
+        fu_update(weights + q[2] + row * D, m, acc + s * max_d, D, optimizer, lr, eps);
         slot[lin] = -1;
     }
     free(gbuf);
@@ -688,11 +698,7 @@ typedef struct {
 INL int64_t fu_digit(const int64_t id, const int64_t *part, const int64_t j, const int64_t op, const uint64_t mix1,
                      const uint64_t mix2) {
     if (FU_HASHED(op)) {
-        uint64_t z = (uint64_t)(id ^ part[0]);
-        z = (z ^ (z >> 30)) * mix1;
-        z = (z ^ (z >> 27)) * mix2;
-        z = z ^ (z >> 31);
-        return (int64_t)((z >> 1) % (uint64_t)part[1]);
+        return hashed_row(id, part[0], (uint64_t)part[1], mix1, mix2);
     }
     const int64_t q = id / part[0];
     return j > 0 ? q % part[1] : q;
@@ -711,11 +717,7 @@ INL int64_t fu_hybrid_row(const int64_t *rec, const int64_t id, const int32_t *r
         row = id;
     }
     if (row >= 0) return row;
-    uint64_t z = (uint64_t)(id ^ rec[8]);
-    z = (z ^ (z >> 30)) * mix1;
-    z = (z ^ (z >> 27)) * mix2;
-    z = z ^ (z >> 31);
-    return (int64_t)((z >> 1) % (uint64_t)rec[7]) + hot;
+    return hashed_row(id, rec[8], (uint64_t)rec[7], mix1, mix2) + hot;
 }
 
 /* Rank of an id in a mixed record (fused_lookup's mixed_ranks): OOV map, then the remap. */
@@ -899,25 +901,6 @@ int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, 
         status |= jobs[t].status;
     }
     return status & 2 ? -2 : status ? -1 : threads;
-}
-
-/* fbgemm's update of one row with its summed gradient g (the formulas of tz_tbe_backward). */
-INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
-                   const float eps) {
-    if (optimizer == 0) {
-        float sum = 0.0f;
-        for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
-        *m += sum / (float)W;
-        const float step = lr / (sqrtf(*m) + eps);
-        for (int64_t d = 0; d < W; d++) w[d] -= step * g[d];
-    } else if (optimizer == 1) {
-        for (int64_t d = 0; d < W; d++) {
-            m[d] += g[d] * g[d];
-            w[d] -= lr * g[d] / (sqrtf(m[d]) + eps);
-        }
-    } else {
-        for (int64_t d = 0; d < W; d++) w[d] -= lr * g[d];
-    }
 }
 
 typedef struct {

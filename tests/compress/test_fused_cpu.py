@@ -112,13 +112,7 @@ def test_hybrid_trains_like_the_tbe_path(monkeypatch, optimizer):
 
 @pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
 def test_a_corrupted_hybrid_remap_is_refused(grad_enabled):
-    coll = CompressedEmbeddingBagCollection(HYBRID_FEATURES, DIM, HYBRID_METHODS)
-    with torch.no_grad():
-        coll.layouts["y_remap"].remap[3] = 10_000
-    kjt = KeyedJaggedTensor(keys=HYBRID_NAMES, values=torch.tensor([1, 3, 2, 3, 5, 3, 1, 2]), lengths=torch.ones(8, dtype=torch.long))
-    with fused_cpu.mode("on"), torch.set_grad_enabled(grad_enabled):
-        with pytest.raises(RuntimeError, match="out of bounds"):
-            coll(kjt)
+    refuses_corrupted_remap(CompressedEmbeddingBagCollection(HYBRID_FEATURES, DIM, HYBRID_METHODS), "y_remap", grad_enabled)
 
 
 def test_pruned_default_rows_without_a_remap_keep_the_tbe_path():
@@ -160,10 +154,16 @@ def test_malformed_bags_are_refused_before_any_read(grad_enabled):
 def test_a_corrupted_remap_is_refused_not_read_as_dropped(method, grad_enabled):
     """A remap value no layout writes (ranks are in [-1, n]) raises, as fbgemm's bounds check does
     on the TBE path, instead of reading as a dropped id."""
-    coll = build()
+    refuses_corrupted_remap(build(), method, grad_enabled)
+
+
+def refuses_corrupted_remap(coll: CompressedEmbeddingBagCollection, name: str, grad_enabled: bool) -> None:
+    """Feature ``name``'s remap gets a value past every table; a lookup of bags of one id (id 3
+    among them) must raise RuntimeError ("out of bounds")."""
     with torch.no_grad():
-        coll.layouts[method].remap[3] = 10_000
-    kjt = KeyedJaggedTensor(keys=NAMES, values=torch.tensor([1, 3, 2, 3, 5, 3, 1, 2]), lengths=torch.ones(8, dtype=torch.long))
+        coll.layouts[name].remap[3] = 10_000
+    ones = torch.ones(2 * len(coll.features), dtype=torch.long)
+    kjt = KeyedJaggedTensor(keys=coll.feature_names, values=torch.tensor([1, 3, 2, 3, 5, 3, 1, 2]), lengths=ones)
     with fused_cpu.mode("on"), torch.set_grad_enabled(grad_enabled):
         with pytest.raises(RuntimeError, match="out of bounds"):
             coll(kjt)
