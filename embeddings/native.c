@@ -88,6 +88,13 @@ INL vf splat(float s) { vf v; for (int i = 0; i < VW; i++) v[i] = s; return v; }
 INL v4 ld(const float *p) { v4 v; memcpy(&v, p, sizeof v); return v; }
 INL void st(float *p, v4 v) { memcpy(p, &v, sizeof v); }
 INL void vcopy(float *dst, const float *a, const int64_t D) { memcpy(dst, a, (size_t)D * sizeof(float)); }
+/* A copy of n floats (n small, not a constant): vector moves, no call into memcpy. */
+INL void vcopy_small(float *dst, const float *src, const int64_t n) {
+    int64_t c = 0;
+    for (; c + VW <= n; c += VW) stw(dst + c, ldw(src + c));
+    for (; c + 4 <= n; c += 4) st(dst + c, ld(src + c));
+    for (; c < n; c++) dst[c] = src[c];
+}
 /* One elementwise loop body at the widest width D allows. */
 #define ELEMENTWISE(D, WIDE, NARROW, SCALAR)                                        \
     if ((D) % VW == 0) { for (int64_t d = 0; d < (D); d += VW) { WIDE; } }           \
@@ -118,17 +125,20 @@ INL void vaxpy(float *acc, const float s, const float *w, const int64_t D) {
     ELEMENTWISE(D, stw(acc + d, ldw(acc + d) + sw * ldw(w + d)), st(acc + d, ld(acc + d) + s4 * ld(w + d)),
                 acc[d] += s * w[d])
 }
+/* The lanes of a vf summed as a tree (halves, then quarters, ...): 3 dependent adds for 8 lanes
+ * instead of 8 in a chain. */
+INL float vsum_tree(vf sum) {
+    float t[VW];
+    memcpy(t, &sum, sizeof t);
+    for (int w = VW / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
+}
 INL float vdot(const float *a, const float *b, const int64_t D) {
     if (D % VW == 0) {
         vf sum = ldw(a) * ldw(b);
         for (int64_t d = VW; d < D; d += VW) sum = sum + ldw(a + d) * ldw(b + d);
-        /* The lanes summed as a tree (halves, then quarters, ...): 3 dependent adds for 8 lanes
-         * instead of 8 in a chain. */
-        float t[VW];
-        memcpy(t, &sum, sizeof t);
-        for (int w = VW / 2; w >= 1; w /= 2)
-            for (int i = 0; i < w; i++) t[i] += t[i + w];
-        return t[0];
+        return vsum_tree(sum);
     }
     if (D % 4 == 0) {
         v4 sum = ld(a) * ld(b);
@@ -139,6 +149,101 @@ INL float vdot(const float *a, const float *b, const int64_t D) {
     for (int64_t d = 0; d < D; d++) sum += a[d] * b[d];
     return sum;
 }
+
+/* Register-held forms of MixedDim's small products (w <= 32 rows of D), for D a multiple of the
+ * vector width up to REG_D: each keeps its D-wide operand in registers, where the plain helpers
+ * go through memory (the compiler cannot keep acc in registers across vaxpy calls, as acc may
+ * alias the rows), and each sums in the plain helper's order, so the results are the same bits. */
+#define REG_D 128
+#define REG_OK(D) ((D) % VW == 0 && (D) <= REG_D)
+
+/* acc += x[0] * rows[0] + x[1] * rows[1] + ... (rows: [w, D]), in that order: vaxpy per row. */
+INL void vproject(float *acc, const float *x, const float *rows, const int64_t w, const int64_t D) {
+    if (!REG_OK(D)) {
+        for (int64_t c = 0; c < w; c++) vaxpy(acc, x[c], rows + c * D, D);
+        return;
+    }
+    vf a[REG_D / VW];
+    for (int64_t i = 0; i < D / VW; i++) a[i] = ldw(acc + i * VW);
+    for (int64_t c = 0; c < w; c++) {
+        const vf s = splat(x[c]);
+        for (int64_t i = 0; i < D / VW; i++) a[i] = a[i] + s * ldw(rows + c * D + i * VW);
+    }
+    for (int64_t i = 0; i < D / VW; i++) stw(acc + i * VW, a[i]);
+}
+
+/* out[c] = vdot(rows[c], g) for c < w: four dots at once, each its own chain (one dot's chain of
+ * dependent adds, about 35 cycles at D=64, was MixedDim's largest backward cost). */
+INL void vdots(float *out, const float *rows, const float *g, const int64_t w, const int64_t D) {
+    int64_t c = 0;
+#if VW == 8 && (defined(__clang__) || __GNUC__ >= 12) /* __builtin_shufflevector */
+    /* Eight dots at once, their lanes summed together by shuffles (the same tree per dot as
+     * vsum_tree's: lane i + lane i+4, then + the pair 2 apart, then the last pair): 14 vector
+     * ops for the eight sums instead of about 6 per dot. */
+    if (D % VW == 0) {
+        for (; c + 8 <= w; c += 8) {
+            const float *r = rows + c * D;
+            vf s[8];
+            const vf g0 = ldw(g);
+            for (int j = 0; j < 8; j++) s[j] = ldw(r + j * D) * g0;
+            for (int64_t d = VW; d < D; d += VW) {
+                const vf gd = ldw(g + d);
+                for (int j = 0; j < 8; j++) s[j] = s[j] + ldw(r + j * D + d) * gd;
+            }
+            vf u[4], v[2];
+            for (int j = 0; j < 4; j++)
+                u[j] = __builtin_shufflevector(s[2 * j], s[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                       __builtin_shufflevector(s[2 * j], s[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+            for (int j = 0; j < 2; j++)
+                v[j] = __builtin_shufflevector(u[2 * j], u[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+                       __builtin_shufflevector(u[2 * j], u[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+            stw(out + c, __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+                             __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15));
+        }
+    }
+#endif
+    if (D % VW == 0) {
+        for (; c + 4 <= w; c += 4) {
+            const float *r = rows + c * D;
+            vf g0 = ldw(g);
+            vf s0 = ldw(r) * g0, s1 = ldw(r + D) * g0, s2 = ldw(r + 2 * D) * g0, s3 = ldw(r + 3 * D) * g0;
+            for (int64_t d = VW; d < D; d += VW) {
+                const vf gd = ldw(g + d);
+                s0 = s0 + ldw(r + d) * gd;
+                s1 = s1 + ldw(r + D + d) * gd;
+                s2 = s2 + ldw(r + 2 * D + d) * gd;
+                s3 = s3 + ldw(r + 3 * D + d) * gd;
+            }
+            out[c] = vsum_tree(s0);
+            out[c + 1] = vsum_tree(s1);
+            out[c + 2] = vsum_tree(s2);
+            out[c + 3] = vsum_tree(s3);
+        }
+    }
+    for (; c < w; c++) out[c] = vdot(rows + c * D, g, D);
+}
+
+/* rows[c] += xs[t][c] * gs[t] for c < w, t < n, in t order for each row (the per-t vaxpy's sums):
+ * each row is loaded and stored once for the n vectors. */
+INL void vouter_add_tile(float *rows, const float *const *xs, const float *const *gs, const int n, const int64_t w,
+                         const int64_t D) {
+    if (!REG_OK(D)) {
+        for (int t = 0; t < n; t++)
+            for (int64_t c = 0; c < w; c++) vaxpy(rows + c * D, xs[t][c], gs[t], D);
+        return;
+    }
+    for (int64_t c = 0; c < w; c++) {
+        float *row = rows + c * D;
+        vf a[REG_D / VW];
+        for (int64_t i = 0; i < D / VW; i++) a[i] = ldw(row + i * VW);
+        for (int t = 0; t < n; t++) {
+            const vf s = splat(xs[t][c]);
+            for (int64_t i = 0; i < D / VW; i++) a[i] = a[i] + s * ldw(gs[t] + i * VW);
+        }
+        for (int64_t i = 0; i < D / VW; i++) stw(row + i * VW, a[i]);
+    }
+}
+
 
 static inline const int64_t *slot_of(const int64_t *op, int64_t j) { return op + OP_HEADER + SLOT_FIELDS * j; }
 static inline int64_t s_col(const int64_t *op, int64_t j) { return slot_of(op, j)[0]; }
@@ -564,14 +669,31 @@ INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, con
         for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
 }
 
+/* The sum of g's squares, in vectors (a chain of W dependent adds in order, ~200 cycles per row at
+ * W=64, was the largest cost of a step's row updates). Not fbgemm's summation order, so a row's
+ * state matches the TBE path's within rounding (the tests' allclose), not bit for bit. */
+INL float vsumsq(const float *g, const int64_t W) {
+    if (W % VW == 0) {
+        vf sum = ldw(g) * ldw(g);
+        for (int64_t d = VW; d < W; d += VW) sum = sum + ldw(g + d) * ldw(g + d);
+        return vsum_tree(sum);
+    }
+    if (W % 4 == 0) {
+        v4 sum = ld(g) * ld(g);
+        for (int64_t d = 4; d < W; d += 4) sum = sum + ld(g + d) * ld(g + d);
+        return (sum[0] + sum[2]) + (sum[1] + sum[3]);
+    }
+    float sum = 0.0f;
+    for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
+    return sum;
+}
+
 /* fbgemm's update of one row (W floats at w, its state at m) with the row's summed gradient g:
  * tz_tbe_backward's and tz_fused_backward's optimizer step (formulas: see tz_tbe_backward). */
 INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
                    const float eps) {
     if (optimizer == 0) {
-        float sum = 0.0f;
-        for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
-        *m += sum / (float)W;
+        *m += vsumsq(g, W) / (float)W;
         const float step = lr / (sqrtf(*m) + eps);
         for (int64_t d = 0; d < W; d++) w[d] -= step * g[d];
     } else if (optimizer == 1) {
@@ -680,6 +802,7 @@ enum { FU_MULT = 0, FU_ADD = 1, FU_CONCAT = 2, FU_MULTIHASH = 3, FU_HASHCAT = 4 
 #define MIXED_HEADER 6
 #define BLOCK_FIELDS 9
 #define MAX_PARTS 16 /* partitions per parts record (fused_cpu.MAX_PARTITIONS) */
+#define FU_AHEAD 8 /* bags (or rows) a prefetch runs ahead */
 
 typedef struct {
     const int64_t *ids, *offsets, *prog, *rec_start;
@@ -731,37 +854,52 @@ INL int64_t fu_rank(const int64_t *rec, const int64_t id, const int32_t *remaps)
  * remap, refused rather than read as "dropped". */
 INL int fu_bad_rank(const int64_t *rec, const int64_t rank) { return rank < -1 || rank > rec[2]; }
 
-INL void fu_parts_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, float *acc, const int64_t D) {
-    const int64_t f = rec[1], n = rec[2], op = rec[4], K = rec[5], W = rec[6];
-    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
-    vfill(acc, 0.0f, D);
+/* A row of W floats asked for from memory (its first 64 floats: a line per 16). */
+INL void fu_prefetch_rows(const float *r, const int64_t W) {
+    for (int64_t c = 0; c < W && c < 64; c += 16) __builtin_prefetch(r + c);
+}
+
+/* The rows of ids [lo, hi) of a parts record, K per id (rp[(p - lo) * K + j]: partition j's row),
+ * each asked for from memory as it is found. Found for a chunk of bags before any is summed: a
+ * tight loop of independent hashes and divisions, whose row reads are in flight together (found
+ * one id at a time between the sums, each row's miss stalled the sum: Hash's forward at B=4096, D=16
+ * took 1.2-1.4x fbgemm's, which prefetches its rows ahead). */
+INL void fu_parts_rows(const fused_job_t *job, const int64_t *rec, const int64_t lo, const int64_t hi,
+                       const float **rp) {
+    const int64_t n = rec[2], op = rec[4], K = rec[5], W = rec[6];
+    const int64_t *part = rec + PARTS_HEADER;
     for (int64_t p = lo; p < hi; p++) {
         int64_t id = job->ids[p];
         if (!FU_HASHED(op)) id = (id >= 0 && id < n) ? id : n;
-        const int64_t *part = rec + PARTS_HEADER;
-        const float *r0 = job->weights + part[2] + fu_digit(id, part, 0, op, job->mix1, job->mix2) * W;
+        for (int64_t j = 0; j < K; j++) {
+            const int64_t *pj = part + PART_FIELDS * j;
+            const float *r = job->weights + pj[2] + fu_digit(id, pj, j, op, job->mix1, job->mix2) * W;
+            fu_prefetch_rows(r, W);
+            rp[(p - lo) * K + j] = r;
+        }
+    }
+}
+
+/* A parts record's bag b, from its rows (rp: fu_parts_rows' of the bag's first id). */
+INL void fu_parts_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, const float *const *rp,
+                          float *acc, const int64_t D) {
+    const int64_t f = rec[1], op = rec[4], K = rec[5], W = rec[6];
+    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
+    vfill(acc, 0.0f, D);
+    for (int64_t p = lo; p < hi; p++, rp += K) {
         if (FU_CONCATS(op)) {
-            vadd(acc, acc, r0, W);
-            for (int64_t j = 1; j < K; j++) {
-                const int64_t *pj = part + PART_FIELDS * j;
-                const float *r = job->weights + pj[2] + fu_digit(id, pj, j, op, job->mix1, job->mix2) * W;
-                vadd(acc + j * W, acc + j * W, r, W);
-            }
+            for (int64_t j = 0; j < K; j++) vadd(acc + j * W, acc + j * W, rp[j], W);
             continue;
         }
         if (K == 1) {
-            vadd(acc, acc, r0, D);
+            vadd(acc, acc, rp[0], D);
             continue;
         }
         /* vector of the id: parts combined left to right (CompositionalLayout.combine), then added */
         float v[D];
-        const int64_t *p1 = part + PART_FIELDS;
-        const float *r1 = job->weights + p1[2] + fu_digit(id, p1, 1, op, job->mix1, job->mix2) * W;
-        if (op == FU_MULT) vmul(v, r0, r1, D); else vadd(v, r0, r1, D);
+        if (op == FU_MULT) vmul(v, rp[0], rp[1], D); else vadd(v, rp[0], rp[1], D);
         for (int64_t j = 2; j < K; j++) {
-            const int64_t *pj = part + PART_FIELDS * j;
-            const float *r = job->weights + pj[2] + fu_digit(id, pj, j, op, job->mix1, job->mix2) * W;
-            if (op == FU_MULT) vmul(v, v, r, D); else vadd(v, v, r, D);
+            if (op == FU_MULT) vmul(v, v, rp[j], D); else vadd(v, v, rp[j], D);
         }
         vadd(acc, acc, v, D);
     }
@@ -775,6 +913,7 @@ INL void fu_mixed_forward(fused_job_t *job, const int64_t *rec, const int64_t b,
     const int64_t f = rec[1], NB = rec[5], MW = job->max_width;
     const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
     unsigned used = 0; /* projected blocks hit in this bag (NB <= 32, checked by the caller) */
+    const float *sum[32]; /* each hit block's bag sum: its row in place until a second id hits it */
     vfill(acc, 0.0f, D);
     for (int64_t p = lo; p < hi; p++) {
         const int64_t rank = job->ranks[p]; /* gathered by fu_gather_ranks */
@@ -787,11 +926,15 @@ INL void fu_mixed_forward(fused_job_t *job, const int64_t *rec, const int64_t b,
             if (!blk[4]) {
                 vadd(acc, acc, row, D);
             } else {
-                float *pk = pooled + k * MW;
                 if (!(used & (1u << k))) {
                     used |= 1u << k;
-                    vcopy(pk, row, w);
+                    sum[k] = row;
                 } else {
+                    float *pk = pooled + k * MW;
+                    if (sum[k] != pk) {
+                        vcopy_small(pk, sum[k], w);
+                        sum[k] = pk;
+                    }
                     for (int64_t c = 0; c < w; c++) pk[c] += row[c];
                 }
             }
@@ -800,9 +943,7 @@ INL void fu_mixed_forward(fused_job_t *job, const int64_t *rec, const int64_t b,
     for (int64_t k = 0; used && k < NB; k++) {
         if (!(used & (1u << k))) continue;
         const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
-        const float *pt = job->weights + blk[5]; /* P_k^T: [w, D] */
-        const float *pk = pooled + k * MW;
-        for (int64_t c = 0; c < blk[3]; c++) vaxpy(acc, pk[c], pt + c * D, D);
+        vproject(acc, sum[k], job->weights + blk[5] /* P_k^T: [w, D] */, blk[3], D);
     }
     if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
 }
@@ -838,11 +979,42 @@ INL int fu_hybrid_forward(const fused_job_t *job, const int64_t *rec, const int6
     return 0;
 }
 
+/* Bags of a parts record are summed a chunk at a time, after fu_parts_rows found the chunk's rows:
+ * up to FU_CHUNK_IDS ids (a longer bag is a chunk of its own). */
+#define FU_CHUNK_IDS 32
+
+/* Bags [b, end) of a parts record, chunk by chunk; *rows / *cap: the thread's row buffer (grown
+ * for a long bag). Returns 1 when out of memory. */
+static int fu_parts_bags(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap) {
+    const int64_t D = job->dim, f = rec[1], K = rec[5];
+    const int64_t *off = job->offsets + f * job->batch;
+    float *out = job->out + f * D;
+    for (int64_t b = job->bag_begin; b < job->bag_end;) {
+        const int64_t lo = off[b];
+        int64_t e = b + 1;
+        while (e < job->bag_end && off[e + 1] - lo <= FU_CHUNK_IDS) e++;
+        const int64_t need = (off[e] - lo) * K;
+        if (need > *cap) {
+            const float **grown = (const float **)realloc((void *)*rows, (size_t)need * sizeof(float *));
+            if (!grown) return 1;
+            *rows = grown;
+            *cap = need;
+        }
+        fu_parts_rows(job, rec, lo, off[e], *rows);
+        for (; b < e; b++) PER_D(fu_parts_forward(job, rec, b, *rows + (off[b] - lo) * K, out + b * job->out_stride, DC))
+    }
+    return 0;
+}
+
 static void *run_fused_forward(void *arg) {
     fused_job_t *job = (fused_job_t *)arg;
     const int64_t D = job->dim;
     float *pooled = (float *)malloc((size_t)(32 * job->max_width + 1) * sizeof(float));
-    if (!pooled) {
+    int64_t cap = FU_CHUNK_IDS * MAX_PARTS;
+    const float **rows = (const float **)malloc((size_t)cap * sizeof(float *));
+    if (!pooled || !rows) {
+        free(pooled);
+        free((void *)rows);
         job->status = 1;
         return NULL;
     }
@@ -850,11 +1022,13 @@ static void *run_fused_forward(void *arg) {
     for (int64_t i = 0; i < job->nrec && !job->status; i++) {
         const int64_t *rec = job->prog + job->rec_start[i];
         float *out = job->out + rec[1] * D;
+        if (rec[0] == 0) {
+            job->status = fu_parts_bags(job, rec, &rows, &cap);
+            continue;
+        }
         for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
             float *acc = out + b * job->out_stride;
-            if (rec[0] == 0) {
-                PER_D(fu_parts_forward(job, rec, b, acc, DC))
-            } else if (rec[0] == 2) {
+            if (rec[0] == 2) {
                 PER_D(job->status = fu_hybrid_forward(job, rec, b, acc, DC))
                 if (job->status) break;
             } else {
@@ -864,6 +1038,7 @@ static void *run_fused_forward(void *arg) {
         }
     }
     free(pooled);
+    free((void *)rows);
     return NULL;
 }
 
@@ -940,7 +1115,8 @@ INL const float *fu_bag_grad(const float *g, const int64_t g_stride0, const int6
         __builtin_prefetch(src + 8 * g_stride0);
         return src;
     }
-    for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
+    if (g_stride1 == 0) vfill(gb, src[0], D); /* a broadcast row (the gradient of a sum) */
+    else for (int64_t d = 0; d < D; d++) gb[d] = src[d * g_stride1];
     if (mean && len > 1) vdiv(gb, gb, (float)len, D);
     return gb;
 }
@@ -968,14 +1144,42 @@ INL int64_t fu_hybrid_backward(const int64_t *rec, const int64_t *ids, const int
 
 /* A mixed record's bags (MixedDim, Pruned): each id's block row gets the bag's gradient, through
  * P_k^T for a projected block (computed once per bag and block), and the projections' gradients
- * get pooled_k^T g per bag. proj_rows, pooled: room floats per block. */
+ * get pooled_k^T g per bag. Those are added PG_TILE bags at a time (each gradient row loaded and
+ * stored once per tile, not once per bag: per bag, the loads and stores of the [w, D] gradient were
+ * the largest cost of MixedDim's backward), in bag order, so the sums are the per-bag ones.
+ * A tile holds pointers: to the bag's row in place where one id hit the block (most bags), else to
+ * its sum in pend_x; to the bag's gradient in place, else to a copy in pend_g.
+ * proj_rows: room floats per block; pend_x [32, PG_TILE, room]; pend_g [32, PG_TILE, D]. */
+#define PG_TILE 4
+typedef struct {
+    const float *x[32][PG_TILE], *g[32][PG_TILE];
+    int n[32];
+} fu_tiles_t;
+
 INL int64_t fu_mixed_backward(const int64_t *rec, const int64_t *ids, const int64_t *offsets, const int64_t batch,
                               const float *g, const int64_t g_stride0, const int64_t g_stride1, const float *weights,
                               const int32_t *remaps, const int32_t *ranks, fu_rows_t *rs, float *gb,
-                              float *proj_rows, float *pooled, const int64_t room, float *proj_grad, const int64_t D) {
+                              float *proj_rows, float *pend_x, float *pend_g, fu_tiles_t *tl, const int64_t room,
+                              float *proj_grad, const int64_t D) {
     const int64_t f = rec[1], mean = rec[3], NB = rec[5];
+    for (int64_t k = 0; k < NB; k++) tl->n[k] = 0;
     for (int64_t b = 0; b < batch; b++) {
         const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
+        if (ranks && b + FU_AHEAD < batch) {
+            /* The first id of a bag FU_AHEAD on: its slot and row asked for early (random reads
+             * into tables of up to millions of rows: the slot's miss was the largest cost left). */
+            const int64_t q = offsets[f * batch + b + FU_AHEAD];
+            if (q < offsets[f * batch + b + FU_AHEAD + 1]) {
+                const int64_t rank = ranks[q];
+                for (int64_t k = 0; k < NB; k++) {
+                    const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+                    const int64_t local = rank - blk[0];
+                    if (local < 0 || local >= blk[1]) continue;
+                    __builtin_prefetch(rs->slot + blk[6] + local);
+                    __builtin_prefetch(weights + blk[2] + local * blk[3]);
+                }
+            }
+        }
         if (lo == hi) continue;
         const float *gv = fu_bag_grad(g, g_stride0, g_stride1, f, b, hi - lo, mean, gb, D);
         unsigned used = 0;
@@ -995,26 +1199,46 @@ INL int64_t fu_mixed_backward(const int64_t *rec, const int64_t *ids, const int6
                     continue;
                 }
                 const float *pt = weights + blk[5]; /* P_k^T [w, D]: the row's gradient is P_k^T g */
-                float *rg = proj_rows + k * room, *pk = pooled + k * room;
+                float *rg = proj_rows + k * room;
                 const float *row = weights + blk[2] + local * w;
+                const int t = tl->n[k];
                 if (!(used & (1u << k))) {
                     used |= 1u << k;
-                    for (int64_t c = 0; c < w; c++) rg[c] = vdot(pt + c * D, gv, D);
-                    vcopy(pk, row, w);
+                    vdots(rg, pt, gv, w, D);
+                    tl->x[k][t] = row;
                 } else {
+                    float *pk = pend_x + (k * PG_TILE + t) * room;
+                    if (tl->x[k][t] != pk) {
+                        vcopy_small(pk, tl->x[k][t], w);
+                        tl->x[k][t] = pk;
+                    }
                     for (int64_t c = 0; c < w; c++) pk[c] += row[c];
                 }
                 fu_add(a, rg, first, w);
             }
         }
-        /* dL/dP_k^T = pooled_k^T g, summed over bags */
+        /* dL/dP_k^T = pooled_k^T g, summed over bags: this bag joins its blocks' tiles */
         for (int64_t k = 0; used && proj_grad && k < NB; k++) {
             if (!(used & (1u << k))) continue;
-            const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
-            float *pg = proj_grad + blk[8];
-            const float *pk = pooled + k * room;
-            for (int64_t c = 0; c < blk[3]; c++) vaxpy(pg + c * D, pk[c], gv, D);
+            const int t = tl->n[k];
+            if (gv == gb) { /* gb is rewritten by the next bag */
+                float *copy = pend_g + (k * PG_TILE + t) * D;
+                vcopy_small(copy, gv, D);
+                tl->g[k][t] = copy;
+            } else {
+                tl->g[k][t] = gv;
+            }
+            if (++tl->n[k] == PG_TILE) {
+                const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+                vouter_add_tile(proj_grad + blk[8], tl->x[k], tl->g[k], PG_TILE, blk[3], D);
+                tl->n[k] = 0;
+            }
         }
+    }
+    for (int64_t k = 0; proj_grad && k < NB; k++) {
+        if (!tl->n[k]) continue;
+        const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
+        vouter_add_tile(proj_grad + blk[8], tl->x[k], tl->g[k], tl->n[k], blk[3], D);
     }
     return 0;
 }
@@ -1085,10 +1309,13 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
     fu_rows_t rs = {slot, touched, acc, 0, cap, max_width};
     const int64_t room = D > max_width ? D : max_width;
     /* gb: the bag's gradient (D); part_grad (room); per MixedDim block (at most 32): its rows'
-     * gradient P_k^T g and its pooled rows (room each). */
-    float *gb = (float *)malloc((size_t)(D + room + 64 * room) * sizeof(float));
+     * gradient P_k^T g (room), and a tile of pooled rows (PG_TILE x room) and their bags' gradients
+     * (PG_TILE x D). */
+    float *gb = (float *)malloc((size_t)(D + room + 32 * room + 32 * PG_TILE * (room + D)) * sizeof(float));
+    fu_tiles_t tiles;
     if (!gb) return -1;
-    float *part_grad = gb + D, *proj_rows = part_grad + room, *pooled = proj_rows + 32 * room;
+    float *part_grad = gb + D, *proj_rows = part_grad + room, *pend_x = proj_rows + 32 * room;
+    float *pend_g = pend_x + 32 * PG_TILE * room;
     int64_t status = 0;
     for (int64_t i = 0; i < nrec && !status; i++) {
         const int64_t *rec = prog + rec_start[i];
@@ -1103,7 +1330,7 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
             continue;
         }
         PER_D(status = fu_mixed_backward(rec, ids, offsets, batch, g, g_stride0, g_stride1, weights, remaps, ranks,
-                                         &rs, gb, proj_rows, pooled, room, proj_grad, DC))
+                                         &rs, gb, proj_rows, pend_x, pend_g, &tiles, room, proj_grad, DC))
     }
     free(gb);
     if (status) {
@@ -1111,6 +1338,15 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
         return status;
     }
     for (int64_t s = 0; s < rs.n; s++) {
+        if (s + FU_AHEAD < rs.n) { /* a row FU_AHEAD on: its weights, state and slot asked for early */
+            const int64_t lin2 = touched[2 * (s + FU_AHEAD)];
+            const int64_t *t2 = tables + 4 * touched[2 * (s + FU_AHEAD) + 1];
+            const int64_t row2 = lin2 - t2[2];
+            __builtin_prefetch(weights + t2[0] + row2 * t2[1], 1);
+            if (optimizer == 0) __builtin_prefetch(state + t2[3] + row2, 1);
+            if (optimizer == 1) __builtin_prefetch(state + t2[3] + row2 * t2[1], 1);
+            __builtin_prefetch(slot + lin2, 1);
+        }
         const int64_t lin = touched[2 * s];
         const int64_t *t = tables + 4 * touched[2 * s + 1];
         const int64_t W = t[1], row = lin - t[2];

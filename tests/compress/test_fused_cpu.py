@@ -87,6 +87,53 @@ def test_hash_and_unified_train_like_the_tbe_path(monkeypatch, optimizer):
         assert torch.equal(out, fused(kjt).values())
 
 
+def test_bags_longer_than_a_chunk_train_like_the_tbe_path(monkeypatch):
+    """The forward finds the rows of a chunk of bags (up to 32 ids) before it sums them: bags of
+    31, 33 and 700 ids (a chunk of their own; 700 ids x 2 QR partitions outgrow the row buffer)
+    beside empty and one-id bags give the TBE path's outputs, tables and state over two steps (a
+    small step: a row hit by hundreds of ids sums its gradients in another order than fbgemm, and
+    a 700-id bag adds up that rounding)."""
+    calls = count_calls(monkeypatch, fused_cpu, "backward_step")
+    fused, reference = twins(HASHED_FEATURES, HASHED_METHODS, TableOptimizer(lr=0.002))
+    g = torch.Generator().manual_seed(11)
+    kjts = []
+    for pattern in ([0, 1, 31, 33, 700, 2], [700, 0, 33, 1, 31, 5]):
+        lengths = torch.tensor(pattern * len(HASHED_NAMES))
+        values = torch.randint(-3, 600, (int(lengths.sum()),), generator=g)
+        kjts.append(KeyedJaggedTensor(keys=HASHED_NAMES, values=values, lengths=lengths))
+    with fused_cpu.mode("on"):
+        train_both(fused, reference, kjts)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dim", [20, 136])
+def test_mixed_dim_widths_off_the_vector_paths_train_like_the_tbe_path(monkeypatch, dim):
+    """D not a multiple of the vector width (20) or wider than the register-held products (136)
+    takes the plain loops of the projections and their gradients: two steps of one-id and longer
+    bags give the TBE path's outputs, projection gradients and tables."""
+    features = [FeatureSpec("md", 300, counts=list(range(300, 0, -1))), FeatureSpec("md_mean", 200, pooling="mean")]
+    methods = {"md": MixedDim(dims=(dim, 8, 4), sizes=(20, 80, 200)), "md_mean": MixedDim(dims=(12,), sizes=(200,))}
+    fused, reference = (
+        CompressedEmbeddingBagCollection(features, dim, methods, optimizer=TableOptimizer(lr=0.1), seed=3) for _ in range(2)
+    )
+    calls = count_calls(monkeypatch, fused_cpu, "backward_step")
+    weight = torch.linspace(-1, 1, 2 * dim)
+    for kjt in batches(["md", "md_mean"], 6)[1:]:
+        outs = []
+        for coll, mode in ((fused, "on"), (reference, "off")):
+            with fused_cpu.mode(mode):
+                out = coll(kjt).values()
+                (out.pow(2) * weight).sum().backward()
+                outs.append(out.detach())
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        for a, b in zip(fused.dense_parameters(), reference.dense_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            a.grad = b.grad = None
+    assert len(calls) == 2
+    for a, b in zip(fused.table_weights(), reference.table_weights()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # Hybrid: hot ids through a scattered remap or a prefix, the others hashed into the cold rows.
 HYBRID_FEATURES = [FeatureSpec("full", 40), FeatureSpec("y_remap", 300, counts=list(range(300))), FeatureSpec("y_prefix", 200, pooling="mean"), FeatureSpec("qr", 300)]
 HYBRID_METHODS = {"full": Full(), "y_remap": Hybrid(hot=30, cold_rows=20), "y_prefix": Hybrid(hot=25, cold_rows=9, seed=4), "qr": QR(collisions=7)}
