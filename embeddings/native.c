@@ -970,19 +970,28 @@ static int fu_gather_ranks(fused_job_t *job, const int64_t *rec) {
     return bad ? 2 : 0;
 }
 
-/* A hybrid record's bag: its ids' rows summed (0: a row past the table). */
-INL int fu_hybrid_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, float *acc, const int64_t D) {
-    const int64_t f = rec[1];
-    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
-    const int64_t rows = rec[6] + rec[7];
-    vfill(acc, 0.0f, D);
+/* The rows of ids [lo, hi) of a hybrid record (rp[p - lo]), each prefetched as it is found (as
+ * fu_parts_rows). Returns 0, or 2 for a row past the table (a corrupted remap). */
+INL int fu_hybrid_rows(const fused_job_t *job, const int64_t *rec, const int64_t lo, const int64_t hi,
+                       const float **rp) {
+    const int64_t rows = rec[6] + rec[7], D = job->dim;
     for (int64_t p = lo; p < hi; p++) {
         const int64_t row = fu_hybrid_row(rec, job->ids[p], job->remaps, job->mix1, job->mix2);
         if (row >= rows) return 2;
-        vadd(acc, acc, job->weights + rec[9] + row * D, D);
+        rp[p - lo] = job->weights + rec[9] + row * D;
+        fu_prefetch_rows(rp[p - lo], D);
     }
-    if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
     return 0;
+}
+
+/* A hybrid record's bag b from its rows (rp: fu_hybrid_rows' of the bag's first id), summed. */
+INL void fu_hybrid_forward(const fused_job_t *job, const int64_t *rec, const int64_t b, const float *const *rp,
+                           float *acc, const int64_t D) {
+    const int64_t f = rec[1];
+    const int64_t lo = job->offsets[f * job->batch + b], hi = job->offsets[f * job->batch + b + 1];
+    vfill(acc, 0.0f, D);
+    for (int64_t p = lo; p < hi; p++) vadd(acc, acc, rp[p - lo], D);
+    if (rec[3] && hi - lo > 1) vdiv(acc, acc, (float)(hi - lo), D);
 }
 
 /* The output columns of bag b (out: the feature's first column) asked for, to be written: the
@@ -1019,14 +1028,16 @@ INL void fu_prefetch_mixed(const fused_job_t *job, const int64_t *rec, const int
     }
 }
 
-/* Bags of a parts record are summed a chunk at a time, after fu_parts_rows found the chunk's rows:
- * up to FU_CHUNK_IDS ids (a longer bag is a chunk of its own). */
+/* Bags of a parts or hybrid record are summed a chunk at a time, after fu_parts_rows /
+ * fu_hybrid_rows found the chunk's rows: up to FU_CHUNK_IDS ids (a longer bag is a chunk of its
+ * own). */
 #define FU_CHUNK_IDS 32
 
-/* Bags [b, end) of a parts record, chunk by chunk; *rows / *cap: the thread's row buffer (grown
- * for a long bag). Returns 1 when out of memory. */
-static int fu_parts_bags(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap) {
-    const int64_t D = job->dim, f = rec[1], K = rec[5];
+/* Bags [bag_begin, bag_end) of a parts or hybrid record, chunk by chunk; *rows / *cap: the
+ * thread's row buffer (grown for a long bag). Returns 0, 1 (out of memory) or 2 (a hybrid row past
+ * its table). */
+static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap) {
+    const int64_t D = job->dim, f = rec[1], K = rec[0] == 0 ? rec[5] : 1;
     const int64_t *off = job->offsets + f * job->batch;
     float *out = job->out + f * D;
     for (int64_t b = job->bag_begin; b < job->bag_end;) {
@@ -1040,10 +1051,14 @@ static int fu_parts_bags(fused_job_t *job, const int64_t *rec, const float ***ro
             *rows = grown;
             *cap = need;
         }
-        fu_parts_rows(job, rec, lo, off[e], *rows);
+        if (rec[0] == 0) fu_parts_rows(job, rec, lo, off[e], *rows);
+        else if (fu_hybrid_rows(job, rec, lo, off[e], *rows)) return 2;
         for (; b < e; b++) {
+            const float *const *rp = *rows + (off[b] - lo) * K;
+            float *acc = out + b * job->out_stride;
             if (b + FU_AHEAD < job->bag_end) fu_prefetch_out(job, out, b + FU_AHEAD);
-            PER_D(fu_parts_forward(job, rec, b, *rows + (off[b] - lo) * K, out + b * job->out_stride, DC))
+            if (rec[0] == 0) PER_D(fu_parts_forward(job, rec, b, rp, acc, DC))
+            else PER_D(fu_hybrid_forward(job, rec, b, rp, acc, DC))
         }
     }
     return 0;
@@ -1065,24 +1080,19 @@ static void *run_fused_forward(void *arg) {
     for (int64_t i = 0; i < job->nrec && !job->status; i++) {
         const int64_t *rec = job->prog + job->rec_start[i];
         float *out = job->out + rec[1] * D;
-        if (rec[0] == 0) {
-            job->status = fu_parts_bags(job, rec, &rows, &cap);
+        if (rec[0] != 1) {
+            job->status = fu_chunked_bags(job, rec, &rows, &cap);
             continue;
         }
-        const int big = rec[0] == 1 && fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
+        const int big = fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
         for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
             float *acc = out + b * job->out_stride;
             if (b + FU_AHEAD < job->bag_end) {
                 fu_prefetch_out(job, out, b + FU_AHEAD);
                 if (big && b > job->bag_begin) fu_prefetch_mixed(job, rec, b + FU_AHEAD); /* ranks: gathered at the first bag */
             }
-            if (rec[0] == 2) {
-                PER_D(job->status = fu_hybrid_forward(job, rec, b, acc, DC))
-                if (job->status) break;
-            } else {
-                if (b == job->bag_begin && (job->status = fu_gather_ranks(job, rec))) break;
-                PER_D(fu_mixed_forward(job, rec, b, acc, pooled, DC))
-            }
+            if (b == job->bag_begin && (job->status = fu_gather_ranks(job, rec))) break;
+            PER_D(fu_mixed_forward(job, rec, b, acc, pooled, DC))
         }
     }
     free(pooled);
