@@ -675,31 +675,15 @@ INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, con
         for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
 }
 
-/* The sum of g's squares, in vectors (a chain of W dependent adds in order, ~200 cycles per row at
- * W=64, was the largest cost of a step's row updates). Not fbgemm's summation order, so a row's
- * state matches the TBE path's within rounding (the tests' allclose), not bit for bit. */
-INL float vsumsq(const float *g, const int64_t W) {
-    if (W % VW == 0) {
-        vf sum = ldw(g) * ldw(g);
-        for (int64_t d = VW; d < W; d += VW) sum = sum + ldw(g + d) * ldw(g + d);
-        return vsum_tree(sum);
-    }
-    if (W % 4 == 0) {
-        v4 sum = ld(g) * ld(g);
-        for (int64_t d = 4; d < W; d += 4) sum = sum + ld(g + d) * ld(g + d);
-        return (sum[0] + sum[2]) + (sum[1] + sum[3]);
-    }
-    float sum = 0.0f;
-    for (int64_t d = 0; d < W; d++) sum += g[d] * g[d];
-    return sum;
-}
-
 /* fbgemm's update of one row (W floats at w, its state at m) with the row's summed gradient g:
  * tz_tbe_backward's and tz_fused_backward's optimizer step (formulas: see tz_tbe_backward). */
 INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
                    const float eps) {
     if (optimizer == 0) {
-        *m += vsumsq(g, W) / (float)W;
+        /* g's sum of squares in vectors (a chain of W dependent adds in order, ~200 cycles per row
+         * at W=64, was the largest cost of a step's row updates): not fbgemm's summation order, so
+         * the state matches the TBE path's within rounding (the tests' allclose), not bit for bit. */
+        *m += vdot(g, g, W) / (float)W;
         const float step = lr / (sqrtf(*m) + eps);
         for (int64_t d = 0; d < W; d++) w[d] -= step * g[d];
     } else if (optimizer == 1) {
