@@ -675,6 +675,12 @@ INL void tbe_accumulate_weighted(float *restrict a, const float *restrict g, con
         for (int64_t d = 0; d < D; d++) a[d] += g[d] * weight;
 }
 
+/* A row's optimizer state in fbgemm's layout (state at base): rowwise Adagrad one float per row,
+ * Adagrad W per row, SGD none (NULL). */
+INL float *fu_state_row(float *state, const int64_t base, const int64_t row, const int64_t W, const int64_t optimizer) {
+    return optimizer == 0 ? state + base + row : optimizer == 1 ? state + base + row * W : NULL;
+}
+
 /* fbgemm's update of one row (W floats at w, its state at m) with the row's summed gradient g:
  * tz_tbe_backward's and tz_fused_backward's optimizer step (formulas: see tz_tbe_backward). */
 INL void fu_update(float *w, float *m, const float *g, const int64_t W, const int64_t optimizer, const float lr,
@@ -753,7 +759,7 @@ int64_t tz_tbe_backward(const float *grad, int64_t grad_stride, int64_t grad_col
         const int64_t lin = touched[2 * s], f = touched[2 * s + 1];
         const int64_t *q = feat + 6 * f;
         const int64_t row = lin - q[0], D = q[3];
-        float *m = optimizer == 0 ? state + q[5] + row : optimizer == 1 ? state + q[5] + row * D : NULL;
+        float *m = fu_state_row(state, q[5], row, D, optimizer);
         fu_update(weights + q[2] + row * D, m, acc + s * max_d, D, optimizer, lr, eps);
         slot[lin] = -1;
     }
@@ -1001,14 +1007,19 @@ INL int64_t fu_mixed_bytes(const int64_t *rec) {
     }
     return bytes;
 }
-INL void fu_prefetch_mixed(const fused_job_t *job, const int64_t *rec, const int64_t b) {
-    const int64_t q = job->offsets[rec[1] * job->batch + b];
-    if (q >= job->offsets[rec[1] * job->batch + b + 1]) return;
-    const int64_t rank = job->ranks[q];
+/* The block row of bag b's first id of a mixed record (its rank gathered), and with slot its
+ * backward accumulator slot, asked for from memory: the forward's and the backward's prefetch. */
+INL void fu_prefetch_mixed(const int64_t *rec, const int64_t *offsets, const int64_t batch, const int32_t *ranks,
+                           const float *weights, const int32_t *slot, const int64_t b) {
+    const int64_t q = offsets[rec[1] * batch + b];
+    if (q >= offsets[rec[1] * batch + b + 1]) return;
+    const int64_t rank = ranks[q];
     for (int64_t k = 0; k < rec[5]; k++) {
         const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
         const int64_t local = rank - blk[0];
-        if (local >= 0 && local < blk[1]) fu_prefetch_rows(job->weights + blk[2] + local * blk[3], blk[3]);
+        if (local < 0 || local >= blk[1]) continue;
+        fu_prefetch_rows(weights + blk[2] + local * blk[3], blk[3]);
+        if (slot) __builtin_prefetch(slot + blk[6] + local);
     }
 }
 
@@ -1068,15 +1079,14 @@ static void *run_fused_forward(void *arg) {
             job->status = fu_chunked_bags(job, rec, &rows, &cap);
             continue;
         }
+        if ((job->status = fu_gather_ranks(job, rec))) break;
         const int big = fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
         for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
-            float *acc = out + b * job->out_stride;
             if (b + FU_AHEAD < job->bag_end) {
                 fu_prefetch_out(job, out, b + FU_AHEAD);
-                if (big && b > job->bag_begin) fu_prefetch_mixed(job, rec, b + FU_AHEAD); /* ranks: gathered at the first bag */
+                if (big) fu_prefetch_mixed(rec, job->offsets, job->batch, job->ranks, job->weights, NULL, b + FU_AHEAD);
             }
-            if (b == job->bag_begin && (job->status = fu_gather_ranks(job, rec))) break;
-            PER_D(fu_mixed_forward(job, rec, b, acc, pooled, DC))
+            PER_D(fu_mixed_forward(job, rec, b, out + b * job->out_stride, pooled, DC))
         }
     }
     free(pooled);
@@ -1207,21 +1217,9 @@ INL int64_t fu_mixed_backward(const int64_t *rec, const int64_t *ids, const int6
     for (int64_t k = 0; k < NB; k++) tl->n[k] = 0;
     for (int64_t b = 0; b < batch; b++) {
         const int64_t lo = offsets[f * batch + b], hi = offsets[f * batch + b + 1];
-        if (ranks && b + FU_AHEAD < batch) {
-            /* The first id of a bag FU_AHEAD on: its slot and row asked for early (random reads
-             * into tables of up to millions of rows: the slot's miss was the largest cost left). */
-            const int64_t q = offsets[f * batch + b + FU_AHEAD];
-            if (q < offsets[f * batch + b + FU_AHEAD + 1]) {
-                const int64_t rank = ranks[q];
-                for (int64_t k = 0; k < NB; k++) {
-                    const int64_t *blk = rec + MIXED_HEADER + BLOCK_FIELDS * k;
-                    const int64_t local = rank - blk[0];
-                    if (local < 0 || local >= blk[1]) continue;
-                    __builtin_prefetch(rs->slot + blk[6] + local);
-                    __builtin_prefetch(weights + blk[2] + local * blk[3]);
-                }
-            }
-        }
+        /* The slot and row of a bag FU_AHEAD on (random reads into tables of up to millions of
+         * rows: the slot's miss was the largest cost left). */
+        if (ranks && b + FU_AHEAD < batch) fu_prefetch_mixed(rec, offsets, batch, ranks, weights, rs->slot, b + FU_AHEAD);
         if (lo == hi) continue;
         const float *gv = fu_bag_grad(g, g_stride0, g_stride1, f, b, hi - lo, mean, gb, D);
         unsigned used = 0;
@@ -1384,15 +1382,15 @@ int64_t tz_fused_backward(const int64_t *ids, const int64_t *offsets, int64_t ba
             const int64_t lin2 = touched[2 * (s + FU_AHEAD)];
             const int64_t *t2 = tables + 4 * touched[2 * (s + FU_AHEAD) + 1];
             const int64_t row2 = lin2 - t2[2];
+            const float *m2 = fu_state_row(state, t2[3], row2, t2[1], optimizer);
             __builtin_prefetch(weights + t2[0] + row2 * t2[1], 1);
-            if (optimizer == 0) __builtin_prefetch(state + t2[3] + row2, 1);
-            if (optimizer == 1) __builtin_prefetch(state + t2[3] + row2 * t2[1], 1);
+            if (m2) __builtin_prefetch(m2, 1);
             __builtin_prefetch(slot + lin2, 1);
         }
         const int64_t lin = touched[2 * s];
         const int64_t *t = tables + 4 * touched[2 * s + 1];
         const int64_t W = t[1], row = lin - t[2];
-        float *m = optimizer == 0 ? state + t[3] + row : optimizer == 1 ? state + t[3] + row * W : NULL;
+        float *m = fu_state_row(state, t[3], row, W, optimizer);
         fu_update(weights + t[0] + row * W, m, acc + s * max_width, W, optimizer, lr, eps);
         slot[lin] = -1;
     }

@@ -38,6 +38,20 @@ def kjt_of(lengths: list[int], offsets: list[int] | None = None) -> KeyedJaggedT
     )  # fmt: skip
 
 
+def train_then_look_up_like_the_tbe_path(fused, reference, names: list[str], seed: int, calls: list) -> None:
+    """Three steps on the C path (``batches(names, seed)``) against the reference on the TBE path
+    (``train_both``), each through ``backward_step``; then bags of one id (``batches(names,
+    seed + 1)``) looked up in inference give the TBE path's output bit for bit."""
+    with fused_cpu.mode("on"):
+        train_both(fused, reference, batches(names, seed))
+        kjt = batches(names, seed + 1)[0]
+        with torch.no_grad():
+            out = fused(kjt).values()
+    assert len(calls) == 3
+    with torch.no_grad(), fused_cpu.mode("off"):
+        assert torch.equal(out, fused(kjt).values())
+
+
 def test_auto_takes_the_measured_ops_and_on_takes_every_plan():
     """"auto" runs the plans with an op of ``AUTO_OPS``; "on" every plan the kernels cover; a
     collection the plans do not cover (Hash) never."""
@@ -77,14 +91,7 @@ def test_hash_and_unified_train_like_the_tbe_path(monkeypatch, optimizer):
     plan = fused_cpu.plan_for(fused)
     assert plan.weights is not None
     assert sorted(f.op for f in plan.features) == ["add", "hashcat", "hashcat", "mult", "multihash", "multihash", "multihash", "multihash"]
-    with fused_cpu.mode("on"):
-        train_both(fused, reference, batches(HASHED_NAMES, 11))
-        kjt = batches(HASHED_NAMES, 12)[0]
-        with torch.no_grad():
-            out = fused(kjt).values()
-    assert len(calls) == 3
-    with torch.no_grad(), fused_cpu.mode("off"):
-        assert torch.equal(out, fused(kjt).values())
+    train_then_look_up_like_the_tbe_path(fused, reference, HASHED_NAMES, 11, calls)
 
 
 def test_bags_longer_than_a_chunk_train_like_the_tbe_path(monkeypatch):
@@ -147,14 +154,7 @@ def test_hybrid_trains_like_the_tbe_path(monkeypatch, optimizer):
     assert fused.layouts["y_remap"].uses_remap and not fused.layouts["y_prefix"].uses_remap
     plan = fused_cpu.plan_for(fused)
     assert [h.feature for h in plan.hybrid] == [1, 2] and plan.hybrid[0].remap_offset is not None
-    with fused_cpu.mode("on"):
-        train_both(fused, reference, batches(HYBRID_NAMES, 13))
-        kjt = batches(HYBRID_NAMES, 14)[0]
-        with torch.no_grad():
-            out = fused(kjt).values()
-    assert len(calls) == 3
-    with torch.no_grad(), fused_cpu.mode("off"):
-        assert torch.equal(out, fused(kjt).values())
+    train_then_look_up_like_the_tbe_path(fused, reference, HYBRID_NAMES, 13, calls)
 
 
 @pytest.mark.parametrize("grad_enabled", [True, False], ids=["training", "inference"])
