@@ -56,6 +56,12 @@ from tablezip.embeddings.tbe import check_offsets
 AUTO_OPS = frozenset({"mult", "add", "concat", "multihash", "hashcat", "mixed", "hybrid"})
 MAX_PARTITIONS = 16  # partitions (probes) per feature the C step takes
 MAX_BLOCKS = 32  # MixedDim blocks per feature the C kernels take
+# Outputs of at least this many bytes are written with streaming stores (embeddings/native.c,
+# FU_CAN_STREAM): past about half of a server's last-level cache (32 MB on the EPYC measured), an
+# output is not found in cache by its consumer anyway, and the kernel skips reading every line
+# before writing it. -1: never.
+STREAM_BYTES = 16 << 20
+STREAMED = 256  # the flag tz_fused_forward adds to its threads when it streamed the output
 
 _switch = KernelSwitch(default="auto")
 mode = _switch.mode
@@ -200,12 +206,13 @@ def forward(
     used = lib.tz_fused_forward(
         ids.data_ptr(), offsets.data_ptr(), batch, out.data_ptr(), out.stride(0), dim, plan.weights.data_ptr(),
         native.ptr(plan.remaps), native.ptr(ranks), prog.data_ptr(), starts.data_ptr(), len(starts), _max_width(plan, dim),
-        fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim),
+        fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim), STREAM_BYTES,
     )  # fmt: skip
     if used == -2:
         raise RuntimeError("tablezip: a remap value is out of bounds (a corrupted MixedDim, Pruned or Hybrid remap)")
     if used < 0:
         raise MemoryError("tablezip: the fused CPU lookup ran out of memory")
+    plan.params["c_streamed"] = bool(used & STREAMED)  # (tests and benchmarks read it)
     return out
 
 

@@ -36,6 +36,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 enum { K_IDENTITY = 0, K_MULT = 1, K_ADD = 2, K_CONCAT = 3, K_PROJECT = 4 };
 #define OP_HEADER 5
@@ -491,7 +494,7 @@ static int64_t *op_offsets(const int64_t *prog, int64_t nops) {
     return start;
 }
 
-int64_t tz_native_version(void) { return 8; }
+int64_t tz_native_version(void) { return 9; }
 
 /* Returns the number of threads used, or -1 if memory ran out. */
 int tz_assemble_forward(const float *x, int64_t x_stride, float *out, int64_t out_stride, int64_t rows, int64_t dim,
@@ -810,6 +813,7 @@ typedef struct {
     uint64_t mix1, mix2;
     int64_t max_width;
     int64_t bag_begin, bag_end;
+    int stream;            /* outputs written with streaming stores, a tile of bags at a time */
     int status;
 } fused_job_t;
 
@@ -1023,6 +1027,45 @@ INL void fu_prefetch_mixed(const int64_t *rec, const int64_t *offsets, const int
     }
 }
 
+/* Streaming (non-temporal) stores for a large output: its bag vectors go to memory without first
+ * reading each line into the cache (an ordinary store to a line not in cache reads it first, then
+ * writes it back on eviction), and without evicting the tables' rows. An output at least
+ * tz_fused_forward's stream_bytes (fused_cpu.STREAM_BYTES) is far larger than what its consumer
+ * could find in cache, so nothing is lost there. At B=4096, D=64, 26 Criteo-sample features
+ * (27 MB), Hash's forward took 0.55-0.58x the time (benchmarks/NOTES.md); x86-64 with AVX only
+ * (elsewhere ordinary stores, the same values). */
+#if defined(__AVX__)
+#define FU_CAN_STREAM 1
+/* The sums of a bag's rows (K parts concatenated, each W wide, W % 8 == 0; K == 1: one part),
+ * in registers, in the order of fu_parts_forward's (zero, then each id's row added), then
+ * streamed: the same bits. dst 32-byte aligned. */
+INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t K, const int64_t W,
+                        const int mean) {
+    for (int64_t j = 0; j < K; j++)
+        for (int64_t d = 0; d < W; d += 8) {
+            __m256 s = _mm256_setzero_ps();
+            for (int64_t p = 0; p < n; p++) s = _mm256_add_ps(s, _mm256_loadu_ps(rp[p * K + j] + d));
+            if (mean && n > 1) s = _mm256_div_ps(s, _mm256_set1_ps((float)n));
+            _mm256_stream_ps(dst + j * W + d, s);
+        }
+}
+/* D floats (D % 8 == 0) streamed from src to dst (32-byte aligned). */
+INL void fu_stream_copy(float *dst, const float *src, const int64_t D) {
+    for (int64_t d = 0; d < D; d += 8) _mm256_stream_ps(dst + d, _mm256_loadu_ps(src + d));
+}
+INL void fu_stream_fence(void) { _mm_sfence(); }
+#else
+#define FU_CAN_STREAM 0
+INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t K, const int64_t W,
+                        const int mean) { (void)dst; (void)rp; (void)n; (void)K; (void)W; (void)mean; }
+INL void fu_stream_copy(float *dst, const float *src, const int64_t D) { vcopy(dst, src, D); }
+INL void fu_stream_fence(void) {}
+#endif
+/* Bags per tile while streaming: every record's bags of a tile before the next tile, so the
+ * streamed lines of a tile (256 rows x F x D floats) lie within a few MB (0.78-0.83x the time of
+ * streaming all of a record's bags at once, at the workload above; 128-1024 measured alike). */
+#define FU_STREAM_TILE 256
+
 /* Bags of a parts or hybrid record are summed a chunk at a time, after fu_parts_rows /
  * fu_hybrid_rows found the chunk's rows: up to FU_CHUNK_IDS ids (a longer bag is a chunk of its
  * own). */
@@ -1031,10 +1074,13 @@ INL void fu_prefetch_mixed(const int64_t *rec, const int64_t *offsets, const int
 /* Bags [bag_begin, bag_end) of a parts or hybrid record, chunk by chunk; *rows / *cap: the
  * thread's row buffer (grown for a long bag). Returns 0, 1 (out of memory) or 2 (a hybrid row past
  * its table). */
-static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap) {
+static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap, float *scratch) {
     const int64_t D = job->dim, f = rec[1], K = rec[0] == 0 ? rec[5] : 1;
     const int64_t *off = job->offsets + f * job->batch;
     float *out = job->out + f * D;
+    /* Streamed from registers: a plain sum of rows (one part, or concatenated parts) of a width
+     * the vectors divide; any other record streams a scratch row. */
+    const int sums = job->stream && rec[0] == 0 && (K == 1 || FU_CONCATS(rec[4])) && rec[6] % 8 == 0;
     for (int64_t b = job->bag_begin; b < job->bag_end;) {
         const int64_t lo = off[b];
         int64_t e = b + 1;
@@ -1050,46 +1096,69 @@ static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***
         else if (fu_hybrid_rows(job, rec, lo, off[e], *rows)) return 2;
         for (; b < e; b++) {
             const float *const *rp = *rows + (off[b] - lo) * K;
-            float *acc = out + b * job->out_stride;
-            if (b + FU_AHEAD < job->bag_end) fu_prefetch_out(job, out, b + FU_AHEAD);
+            float *dst = out + b * job->out_stride;
+            if (sums) {
+                fu_stream_sums(dst, rp, off[b + 1] - off[b], K, rec[6], (int)rec[3]);
+                continue;
+            }
+            float *acc = job->stream ? scratch : dst;
+            if (!job->stream && b + FU_AHEAD < job->bag_end) fu_prefetch_out(job, out, b + FU_AHEAD);
             if (rec[0] == 0) PER_D(fu_parts_forward(job, rec, b, rp, acc, DC))
             else PER_D(fu_hybrid_forward(job, rec, b, rp, acc, DC))
+            if (job->stream) fu_stream_copy(dst, scratch, D);
         }
     }
     return 0;
 }
 
-static void *run_fused_forward(void *arg) {
-    fused_job_t *job = (fused_job_t *)arg;
+/* The records over bags [job->bag_begin, job->bag_end). pooled: fu_mixed_forward's; scratch: a
+ * bag's vector (D floats) before it is streamed. */
+static void fu_forward_bags(fused_job_t *job, const float ***rows, int64_t *cap, float *pooled, float *scratch) {
     const int64_t D = job->dim;
-    float *pooled = (float *)malloc((size_t)(32 * job->max_width + 1) * sizeof(float));
-    int64_t cap = FU_CHUNK_IDS * MAX_PARTS;
-    const float **rows = (const float **)malloc((size_t)cap * sizeof(float *));
-    if (!pooled || !rows) {
-        free(pooled);
-        free((void *)rows);
-        job->status = 1;
-        return NULL;
-    }
-    /* Feature-major within the thread's bags: one feature's tables stay in cache across its bags. */
+    /* Feature-major within the bags: one feature's tables stay in cache across its bags. */
     for (int64_t i = 0; i < job->nrec && !job->status; i++) {
         const int64_t *rec = job->prog + job->rec_start[i];
         float *out = job->out + rec[1] * D;
         if (rec[0] != 1) {
-            job->status = fu_chunked_bags(job, rec, &rows, &cap);
+            job->status = fu_chunked_bags(job, rec, rows, cap, scratch);
             continue;
         }
         if ((job->status = fu_gather_ranks(job, rec))) break;
         const int big = fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
         for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
             if (b + FU_AHEAD < job->bag_end) {
-                fu_prefetch_out(job, out, b + FU_AHEAD);
+                if (!job->stream) fu_prefetch_out(job, out, b + FU_AHEAD);
                 if (big) fu_prefetch_mixed(rec, job->offsets, job->batch, job->ranks, job->weights, NULL, b + FU_AHEAD);
             }
-            PER_D(fu_mixed_forward(job, rec, b, out + b * job->out_stride, pooled, DC))
+            float *dst = out + b * job->out_stride;
+            PER_D(fu_mixed_forward(job, rec, b, job->stream ? scratch : dst, pooled, DC))
+            if (job->stream) fu_stream_copy(dst, scratch, D);
         }
     }
+}
+
+static void *run_fused_forward(void *arg) {
+    fused_job_t *job = (fused_job_t *)arg;
+    float *pooled = (float *)malloc((size_t)(32 * job->max_width + 1) * sizeof(float));
+    float *scratch = (float *)malloc((size_t)(job->dim + 1) * sizeof(float));
+    int64_t cap = FU_CHUNK_IDS * MAX_PARTS;
+    const float **rows = (const float **)malloc((size_t)cap * sizeof(float *));
+    if (pooled && scratch && rows) {
+        const int64_t begin = job->bag_begin, end = job->bag_end;
+        const int64_t tile = job->stream ? FU_STREAM_TILE : end - begin;
+        for (int64_t t = begin; t < end && !job->status; t += tile) {
+            job->bag_begin = t;
+            job->bag_end = end - t > tile ? t + tile : end;
+            fu_forward_bags(job, &rows, &cap, pooled, scratch);
+        }
+        job->bag_begin = begin;
+        job->bag_end = end;
+        if (job->stream) fu_stream_fence(); /* the streamed stores visible before the thread ends */
+    } else {
+        job->status = 1;
+    }
     free(pooled);
+    free(scratch);
     free((void *)rows);
     return NULL;
 }
@@ -1098,12 +1167,18 @@ static void *run_fused_forward(void *arg) {
  * ranks: one int32 per id, where the mixed records' ranks are written (NULL only without mixed
  * records); the backward reads them instead of gathering the remaps again (random reads into
  * tables of millions of ints: the largest cost of MixedDim's step when gathered twice). 
- * Returns the threads used, -1 (out of memory) or -2 (a corrupted remap: a MixedDim / Pruned rank
- * outside [-1, n], or a Hybrid row past its table). */
+ * stream_bytes: an output of at least this many bytes is written with streaming stores (see
+ * FU_CAN_STREAM; -1: never). Returns the threads used (plus FU_STREAMED where the output was
+ * streamed), -1 (out of memory) or -2 (a corrupted remap: a MixedDim / Pruned rank outside
+ * [-1, n], or a Hybrid row past its table). */
+#define FU_STREAMED 256
 int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, float *out, int64_t out_stride,
                      int64_t dim, const float *weights, const int32_t *remaps, int32_t *ranks, const int64_t *prog,
                      const int64_t *rec_start, int64_t nrec, int64_t max_width, uint64_t mix1, uint64_t mix2,
-                     int threads) {
+                     int threads, int64_t stream_bytes) {
+    /* Streaming stores need 32-byte aligned vectors: every bag's D floats at an aligned address. */
+    const int stream = FU_CAN_STREAM && stream_bytes >= 0 && batch * out_stride * (int64_t)sizeof(float) >= stream_bytes
+                       && dim % 8 == 0 && out_stride % 8 == 0 && ((uintptr_t)out & 31) == 0;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (batch < (int64_t)threads * 64) threads = 1;
@@ -1117,6 +1192,7 @@ int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, 
         j->ids = ids; j->offsets = offsets; j->prog = prog; j->rec_start = rec_start; j->batch = batch;
         j->nrec = nrec; j->dim = dim; j->out_stride = out_stride; j->out = out; j->weights = weights;
         j->remaps = remaps; j->ranks = ranks; j->mix1 = mix1; j->mix2 = mix2; j->max_width = max_width;
+        j->stream = stream;
         j->bag_begin = t * per < batch ? t * per : batch;
         j->bag_end = (t + 1) * per < batch ? (t + 1) * per : batch;
     }
@@ -1127,7 +1203,7 @@ int tz_fused_forward(const int64_t *ids, const int64_t *offsets, int64_t batch, 
         if (started[t]) pthread_join(tid[t], NULL); else run_fused_forward(&jobs[t]);
         status |= jobs[t].status;
     }
-    return status & 2 ? -2 : status ? -1 : threads;
+    return status & 2 ? -2 : status ? -1 : threads + (stream ? FU_STREAMED : 0);
 }
 
 typedef struct {

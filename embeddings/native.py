@@ -39,7 +39,7 @@ SOURCE = Path(__file__).with_name("native.c")
 # call into libm.
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi", "-fPIC", "-shared", "-pthread", "-std=c11")
 ENV_SWITCH = "TABLEZIP_NATIVE"
-VERSION = 8  # tz_native_version() of the source this module declares
+VERSION = 9  # tz_native_version() of the source this module declares
 ENV_CACHE = "TABLEZIP_NATIVE_CACHE"
 
 _lock = threading.Lock()
@@ -138,7 +138,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tz_fused_forward.restype = _int
     lib.tz_fused_forward.argtypes = [
         _i64p, _i64p, _i64, _f32p, _i64, _i64, _f32p, ctypes.c_void_p, ctypes.c_void_p, _i64p, _i64p, _i64, _i64, ctypes.c_uint64,
-        ctypes.c_uint64, _int,
+        ctypes.c_uint64, _int, _i64,
     ]
     lib.tz_fused_backward.restype = _i64
     lib.tz_fused_backward.argtypes = [

@@ -298,3 +298,56 @@ def test_multihash_negative_mixed_seeds_reach_the_kernel_unchanged():
             expected = coll(kjt).values()
         with fused_cpu.mode("on"):
             assert torch.equal(coll(kjt).values(), expected)
+
+
+def test_streamed_outputs_are_the_stored_ones_bit_for_bit(monkeypatch):
+    """Outputs past ``STREAM_BYTES`` are written with streaming stores, a tile of 256 bags at a
+    time, from register sums (one part, or concatenated parts) or from a scratch row (every other
+    record): the values of the ordinary stores bit for bit, for every record kind, sum and mean,
+    bags of 0-5 ids, 601 bags (two full tiles and a partial one), one and two threads, in
+    inference and in the training forward. Where the build has AVX the output was streamed."""
+    features = HASHED_FEATURES + [f for f in FEATURES if f.name in ("md", "pruned")] + [HYBRID_FEATURES[1], FeatureSpec("mh", 90)]
+    methods = {**HASHED_METHODS, "md": METHODS["md"], "pruned": METHODS["pruned"], "y_remap": HYBRID_METHODS["y_remap"],
+               "mh": MultiHash(rows=13, probes=3)}  # fmt: skip
+    names = [f.name for f in features]
+    coll = CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=TableOptimizer(lr=0.1), seed=4)
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(0, 6, (len(names) * 601,), generator=g)
+    kjt = KeyedJaggedTensor(keys=names, values=torch.randint(-3, 600, (int(lengths.sum()),), generator=g), lengths=lengths)
+    plan = fused_cpu.plan_for(coll)
+    assert {f.op for f in plan.features} >= {"add", "mult", "multihash", "hashcat"} and plan.mixed and plan.hybrid
+    outputs, streamed = [], []
+    with fused_cpu.mode("on"):
+        for stream_bytes, threads in ((-1, 1), (0, 1), (0, 2)):
+            monkeypatch.setattr(fused_cpu, "STREAM_BYTES", stream_bytes)
+            monkeypatch.setattr(native, "PARALLEL_FLOATS", 0 if threads == 2 else native.PARALLEL_FLOATS)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    outputs.append(look_up_then_poison(coll, kjt))
+                streamed.append(plan.params["c_streamed"])
+                outputs.append(look_up_then_poison(coll, kjt))
+            finally:
+                torch.set_num_threads(before)
+    assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+    assert streamed[0] is False
+    assert streamed[1:] == [cpu_has_avx()] * 2
+
+
+def look_up_then_poison(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    """A copy of the lookup; the output itself is then filled with NaN, so a later lookup that
+    reuses its memory (embeddings/spare.py) and skips a value is seen."""
+    out = coll(kjt).values().detach()
+    kept = out.clone()
+    out.fill_(float("nan"))
+    return kept
+
+
+def cpu_has_avx() -> bool:
+    """Whether this CPU has AVX (the kernels are built for it: -march=native), from Linux's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx " in f" {line.split(':', 1)[1].strip()} " for line in f)
+    except OSError:
+        return False
