@@ -1036,15 +1036,25 @@ INL void fu_prefetch_mixed(const int64_t *rec, const int64_t *offsets, const int
  * (elsewhere ordinary stores, the same values). */
 #if defined(__AVX__)
 #define FU_CAN_STREAM 1
-/* The sums of a bag's rows (K parts concatenated, each W wide, W % 8 == 0; K == 1: one part),
- * in registers, in the order of fu_parts_forward's (zero, then each id's row added), then
- * streamed: the same bits. dst 32-byte aligned. */
-INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t K, const int64_t W,
-                        const int mean) {
-    for (int64_t j = 0; j < K; j++)
+/* A bag of n ids of a parts record (rows rp[p * K + j]; op, K parts W wide, W % 8 == 0) or of a
+ * hybrid record (K = 1, op FU_ADD), summed in registers and streamed to dst (32-byte aligned).
+ * In fu_parts_forward's order (zero; each id's parts combined left to right, then added), so the
+ * same bits; concatenated parts are a W-wide slice each. */
+INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t op, const int64_t K,
+                        const int64_t W, const int mean) {
+    const int64_t slices = FU_CONCATS(op) ? K : 1, combined = FU_CONCATS(op) ? 1 : K;
+    for (int64_t j = 0; j < slices; j++)
         for (int64_t d = 0; d < W; d += 8) {
             __m256 s = _mm256_setzero_ps();
-            for (int64_t p = 0; p < n; p++) s = _mm256_add_ps(s, _mm256_loadu_ps(rp[p * K + j] + d));
+            for (int64_t p = 0; p < n; p++) {
+                const float *const *r = rp + p * K + j;
+                __m256 v = _mm256_loadu_ps(r[0] + d);
+                for (int64_t q = 1; q < combined; q++) {
+                    const __m256 x = _mm256_loadu_ps(r[q] + d);
+                    v = op == FU_MULT ? _mm256_mul_ps(v, x) : _mm256_add_ps(v, x);
+                }
+                s = _mm256_add_ps(s, v);
+            }
             if (mean && n > 1) s = _mm256_div_ps(s, _mm256_set1_ps((float)n));
             _mm256_stream_ps(dst + j * W + d, s);
         }
@@ -1056,8 +1066,8 @@ INL void fu_stream_copy(float *dst, const float *src, const int64_t D) {
 INL void fu_stream_fence(void) { _mm_sfence(); }
 #else
 #define FU_CAN_STREAM 0
-INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t K, const int64_t W,
-                        const int mean) { (void)dst; (void)rp; (void)n; (void)K; (void)W; (void)mean; }
+INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t op, const int64_t K,
+                        const int64_t W, const int mean) { (void)dst; (void)rp; (void)n; (void)op; (void)K; (void)W; (void)mean; }
 INL void fu_stream_copy(float *dst, const float *src, const int64_t D) { vcopy(dst, src, D); }
 INL void fu_stream_fence(void) {}
 #endif
@@ -1078,9 +1088,10 @@ static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***
     const int64_t D = job->dim, f = rec[1], K = rec[0] == 0 ? rec[5] : 1;
     const int64_t *off = job->offsets + f * job->batch;
     float *out = job->out + f * D;
-    /* Streamed from registers: a plain sum of rows (one part, or concatenated parts) of a width
-     * the vectors divide; any other record streams a scratch row. */
-    const int sums = job->stream && rec[0] == 0 && (K == 1 || FU_CONCATS(rec[4])) && rec[6] % 8 == 0;
+    /* Streamed from registers where the vectors divide the rows' width (a parts record's W, a
+     * hybrid record's D); otherwise from a scratch row. */
+    const int64_t op = rec[0] == 0 ? rec[4] : FU_ADD, W = rec[0] == 0 ? rec[6] : D;
+    const int sums = job->stream && W % 8 == 0;
     for (int64_t b = job->bag_begin; b < job->bag_end;) {
         const int64_t lo = off[b];
         int64_t e = b + 1;
@@ -1098,7 +1109,7 @@ static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***
             const float *const *rp = *rows + (off[b] - lo) * K;
             float *dst = out + b * job->out_stride;
             if (sums) {
-                fu_stream_sums(dst, rp, off[b + 1] - off[b], K, rec[6], (int)rec[3]);
+                fu_stream_sums(dst, rp, off[b + 1] - off[b], op, K, W, (int)rec[3]);
                 continue;
             }
             float *acc = job->stream ? scratch : dst;
