@@ -123,8 +123,11 @@ def plan_for(collection: Any) -> Any:
 
 
 def plan_ops(plan: Any) -> set[str]:
-    ops = {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"}
-    return ops | ({"mixed"} if plan.mixed else set()) | ({"hybrid"} if plan.hybrid else set())
+    ops = plan.params.get("c_ops")  # (a plan never changes: rebuilt, not edited, when its key moves)
+    if ops is None:
+        ops = {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"}
+        ops = plan.params["c_ops"] = frozenset(ops | ({"mixed"} if plan.mixed else set()) | ({"hybrid"} if plan.hybrid else set()))
+    return set(ops)
 
 
 def takes(plan: Any) -> bool:
@@ -172,8 +175,11 @@ def _program(
 
 
 def _max_width(plan: Any, dim: int) -> int:
-    widths = [f.width for f in plan.features] + [w for m in plan.mixed for w in m.widths]
-    return max(widths + ([dim] if plan.hybrid else []) + [1])  # (Hybrid's rows are D wide)
+    width = plan.params.get(("c_max_width", dim))
+    if width is None:
+        widths = [f.width for f in plan.features] + [w for m in plan.mixed for w in m.widths]
+        width = plan.params[("c_max_width", dim)] = max(widths + ([dim] if plan.hybrid else []) + [1])  # (Hybrid's rows are D wide)
+    return width
 
 
 def forward(

@@ -390,12 +390,26 @@ class _Plan:
 _PLANS: "weakref.WeakKeyDictionary[Any, _Plan]" = weakref.WeakKeyDictionary()
 
 
+def module_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, without the exception an ``nn.Module`` raises inside for a
+    name it lacks (the plan keys ask every layout for ``projections`` on every call: most have
+    none, and the raised-and-caught AttributeErrors were a good part of a small lookup's Python
+    time). The same lookup order: the class and the instance's own attributes first (left to
+    ``getattr``), then the module's parameters, buffers and submodules."""
+    if not isinstance(obj, torch.nn.Module) or name in obj.__dict__ or hasattr(type(obj), name):
+        return getattr(obj, name, None)
+    for store in (obj._parameters, obj._buffers, obj._modules):
+        if name in store:
+            return store[name]
+    return None
+
+
 def _storage_key(tbe: Any) -> tuple:
     """Cheap identity of the TBE's weight storage (fbgemm's flat ``weights_dev`` /
     ``weights_host`` / ``weights_uvm``): the plan is rebuilt when it moves."""
     key: list[Any] = [id(tbe)]
     for name in ("weights_dev", "weights_host", "weights_uvm"):
-        t = getattr(tbe, name, None)
+        t = module_attr(tbe, name)
         key.append(t.data_ptr() if isinstance(t, torch.Tensor) else None)
     return tuple(key)
 
@@ -406,10 +420,10 @@ def _dense_key(collection: Any) -> tuple:
     (an in-place copy) does not."""
     key: list[Any] = []
     for layout in collection.layouts.values():
-        projections = getattr(layout, "projections", None)
+        projections = module_attr(layout, "projections")
         if projections is not None:
             key.extend(p.data_ptr() for p in projections.values())
-            remap = getattr(layout, "remap", None)
+            remap = module_attr(layout, "remap")
             key.append(remap.data_ptr() if isinstance(remap, torch.Tensor) else None)
     return tuple(key)
 

@@ -548,7 +548,7 @@ def _state_key(tbe: Any) -> tuple:
     """Addresses of the TBE's optimizer state (fbgemm's flat ``momentum1_*``)."""
     return tuple(
         t.data_ptr() if isinstance(t, torch.Tensor) else None
-        for t in (getattr(tbe, name, None) for name in ("momentum1_dev", "momentum1_host", "momentum1_uvm"))
+        for t in (fused_lookup.module_attr(tbe, name) for name in ("momentum1_dev", "momentum1_host", "momentum1_uvm"))
     )
 
 

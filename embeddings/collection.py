@@ -176,19 +176,20 @@ class EmbeddingBagLookup(nn.Module):
         return full_bytes(self.features, self.dim)
 
     # -- forward -------------------------------------------------------------------------
-    def _ordered(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    def _ordered(self, kjt: KeyedJaggedTensor, names: list[str]) -> KeyedJaggedTensor:
         keys = kjt.keys()
-        if keys == self.feature_names:
+        if keys == names:
             return kjt
-        missing = [n for n in self.feature_names if n not in keys]
+        missing = [n for n in names if n not in keys]
         if missing:
             raise KeyError(f"KeyedJaggedTensor lacks feature(s) {missing}; it has {keys}")
-        return kjt.permute([keys.index(n) for n in self.feature_names])
+        return kjt.permute([keys.index(n) for n in names])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if features.weights_or_none() is not None:
             raise ValueError("weighted KeyedJaggedTensors are not supported yet")
-        kjt = self._ordered(features)
+        names = self.feature_names  # (once per call: each read builds the list)
+        kjt = self._ordered(features, names)
         values = kjt.values().to(torch.int64)
         batch = kjt.stride()
         if self.batch_transforms and not torch.is_grad_enabled():
@@ -199,7 +200,7 @@ class EmbeddingBagLookup(nn.Module):
 
             fused = fused_lookup.pooled(self, values, kjt.offsets(), batch)
             if fused is not None:
-                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.features), values=fused)
+                return KeyedTensor(keys=names, length_per_key=[self.dim] * len(names), values=fused)
         elif self.batch_transforms:
             # Training on CUDA: the same kernel, whose backward applies the TBE's optimizer itself
             # (compress/fused_train.py); None where it does not apply.
@@ -207,7 +208,7 @@ class EmbeddingBagLookup(nn.Module):
 
             fused = fused_train.pooled(self, values, kjt.offsets(), batch)
             if fused is not None:
-                return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.features), values=fused)
+                return KeyedTensor(keys=names, length_per_key=[self.dim] * len(names), values=fused)
         per_feature = torch.split(values, kjt.length_per_key())
         lengths = kjt.lengths().view(len(self.features), batch)
         layouts = list(self.layouts.values())
@@ -232,7 +233,7 @@ class EmbeddingBagLookup(nn.Module):
                 pooled = self._finish_mean(pooled.view(batch, len(layouts), self.dim), lengths).view(batch, -1)
         else:
             pooled = self._general(layouts, per_feature, lengths)
-        return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(layouts), values=pooled)
+        return KeyedTensor(keys=names, length_per_key=[self.dim] * len(layouts), values=pooled)
 
     def _general(self, layouts: list[FeatureLayout], per_feature, lengths: torch.Tensor) -> torch.Tensor:
         """Any mix of methods in one TBE call.

@@ -306,3 +306,34 @@ def test_mixed_dim_longer_bags_trained_projections_and_loads(kernel, monkeypatch
     reference, fused = both(twin, kjt)
     torch.testing.assert_close(fused, reference, **MD_TOL)
     assert len(calls) == 4
+
+
+def test_module_attr_is_getattr_with_a_default():
+    """The plan keys' attribute reader gives what ``getattr(obj, name, None)`` gives, for every
+    place a module can hold a name (parameter, buffer, a buffer set to None, submodule, plain and
+    class attributes, a property) and for a name it lacks, and on objects that are no module."""
+
+    class Layout(torch.nn.Module):
+        kind = "class attribute"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2))
+            self.register_buffer("remap", torch.arange(3))
+            self.register_buffer("empty", None)
+            self.projections = torch.nn.ParameterDict({"0": torch.nn.Parameter(torch.zeros(1))})
+            self.plain = 5
+
+        @property
+        def doubled(self) -> int:
+            return 2 * self.plain
+
+    layout = Layout()
+    names = ["weight", "remap", "empty", "projections", "plain", "kind", "doubled", "missing", "training"]
+    for name in names:
+        assert fused_lookup.module_attr(layout, name) is getattr(layout, name, None) or (
+            fused_lookup.module_attr(layout, name) == getattr(layout, name, None)
+        ), name
+    assert fused_lookup.module_attr(layout, "missing") is None
+    assert fused_lookup.module_attr(layout, "projections") is layout.projections
+    assert fused_lookup.module_attr(object(), "projections") is None
