@@ -302,18 +302,21 @@ def test_multihash_negative_mixed_seeds_reach_the_kernel_unchanged():
 
 def test_streamed_outputs_are_the_stored_ones_bit_for_bit(monkeypatch):
     """Outputs past ``STREAM_BYTES`` are written with streaming stores, a tile of 256 bags at a
-    time, from register sums (parts records and Hybrid) or from a scratch row (MixedDim, Pruned,
-    parts narrower than a vector): the values of the ordinary stores bit for bit, for every record kind, sum and mean,
+    time, from register sums (parts records, Hybrid, Pruned) or from a scratch row (MixedDim's
+    projected blocks, parts narrower than a vector): the values of the ordinary stores bit for bit, for every record kind, sum and mean,
     bags of 0-5 ids, 601 bags (two full tiles and a partial one), one and two threads, in
     inference and in the training forward. Where the build has AVX the output was streamed."""
-    extra = [FeatureSpec("mh", 90), FeatureSpec("u4", 120, pooling="mean")]  # u4: 4-wide parts, a scratch row
+    # u4: 4-wide parts, a scratch row; p_mean: Pruned (no projection: register sums) averaged
+    extra = [FeatureSpec("mh", 90), FeatureSpec("u4", 120, pooling="mean"), FeatureSpec("p_mean", 200, pooling="mean")]
     features = HASHED_FEATURES + [f for f in FEATURES if f.name in ("md", "pruned")] + [HYBRID_FEATURES[1]] + extra
     methods = {**HASHED_METHODS, "md": METHODS["md"], "pruned": METHODS["pruned"], "y_remap": HYBRID_METHODS["y_remap"],
-               "mh": MultiHash(rows=13, probes=3), "u4": Unified(rows=17, chunks=4, table="c")}  # fmt: skip
+               "mh": MultiHash(rows=13, probes=3), "u4": Unified(rows=17, chunks=4, table="c"), "p_mean": Pruned(keep=60)}  # fmt: skip
     names = [f.name for f in features]
     coll = CompressedEmbeddingBagCollection(features, DIM, methods, optimizer=TableOptimizer(lr=0.1), seed=4)
     g = torch.Generator().manual_seed(8)
     lengths = torch.randint(0, 6, (len(names) * 601,), generator=g)
+    for name in ("pruned", "p_mean"):  # a bag of 5000 ids outgrows the row buffer (512 rows)
+        lengths[names.index(name) * 601 + 300] = 5000
     kjt = KeyedJaggedTensor(keys=names, values=torch.randint(-3, 600, (int(lengths.sum()),), generator=g), lengths=lengths)
     plan = fused_cpu.plan_for(coll)
     assert {f.op for f in plan.features} >= {"add", "mult", "multihash", "hashcat"} and plan.mixed and plan.hybrid
