@@ -122,12 +122,12 @@ def plan_for(collection: Any) -> Any:
     return fused_lookup.cached_plan(_PLANS, collection, (PrunedLayout, HybridLayout), _extra)
 
 
-def plan_ops(plan: Any) -> set[str]:
+def plan_ops(plan: Any) -> frozenset[str]:
     ops = plan.params.get("c_ops")  # (a plan never changes: rebuilt, not edited, when its key moves)
     if ops is None:
         ops = {f.op for f in plan.features if len(f.partitions) > 1 or f.op != "add"}
         ops = plan.params["c_ops"] = frozenset(ops | ({"mixed"} if plan.mixed else set()) | ({"hybrid"} if plan.hybrid else set()))
-    return set(ops)
+    return ops
 
 
 def takes(plan: Any) -> bool:

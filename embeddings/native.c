@@ -1068,6 +1068,7 @@ INL void fu_stream_copy(float *dst, const float *src, const int64_t D) {
 INL void fu_stream_fence(void) { _mm_sfence(); }
 #else
 #define FU_CAN_STREAM 0
+/* Never called without AVX: tz_fused_forward's stream is 0 there, so no caller takes this path. */
 INL void fu_stream_sums(float *dst, const float *const *rp, const int64_t n, const int64_t op, const int64_t K,
                         const int64_t W, const int64_t divisor) { (void)dst; (void)rp; (void)n; (void)op; (void)K; (void)W; (void)divisor; }
 INL void fu_stream_copy(float *dst, const float *src, const int64_t D) { vcopy(dst, src, D); }
@@ -1082,6 +1083,17 @@ INL void fu_stream_fence(void) {}
  * fu_hybrid_rows found the chunk's rows: up to FU_CHUNK_IDS ids (a longer bag is a chunk of its
  * own). */
 #define FU_CHUNK_IDS 32
+
+/* Room for need row pointers in the thread's row buffer (*rows, *cap pointers), grown for a long
+ * bag. Returns 0, or 1 when memory ran out. */
+INL int fu_rows_room(const float ***rows, int64_t *cap, const int64_t need) {
+    if (need <= *cap) return 0;
+    const float **grown = (const float **)realloc((void *)*rows, (size_t)need * sizeof(float *));
+    if (!grown) return 1;
+    *rows = grown;
+    *cap = need;
+    return 0;
+}
 
 /* Bags [bag_begin, bag_end) of a parts or hybrid record, chunk by chunk; *rows / *cap: the
  * thread's row buffer (grown for a long bag). Returns 0, 1 (out of memory) or 2 (a hybrid row past
@@ -1098,13 +1110,7 @@ static int fu_chunked_bags(fused_job_t *job, const int64_t *rec, const float ***
         const int64_t lo = off[b];
         int64_t e = b + 1;
         while (e < job->bag_end && off[e + 1] - lo <= FU_CHUNK_IDS) e++;
-        const int64_t need = (off[e] - lo) * K;
-        if (need > *cap) {
-            const float **grown = (const float **)realloc((void *)*rows, (size_t)need * sizeof(float *));
-            if (!grown) return 1;
-            *rows = grown;
-            *cap = need;
-        }
+        if (fu_rows_room(rows, cap, (off[e] - lo) * K)) return 1;
         if (rec[0] == 0) fu_parts_rows(job, rec, lo, off[e], *rows);
         else if (fu_hybrid_rows(job, rec, lo, off[e], *rows)) return 2;
         for (; b < e; b++) {
@@ -1135,23 +1141,18 @@ INL int fu_mixed_projects(const int64_t *rec) {
 /* A mixed record without projections, streamed: each bag's rows (its ids' hits, in id then block
  * order: fu_mixed_forward's order of adds, so the same bits) summed in registers (the scratch row
  * was 0.72x of the ordinary stores for Pruned at B=4096 D=64, the register sums 0.45-0.59x for the
- * parts records). *rows / *cap: the thread's row buffer, grown for a long bag. Returns 0 or 1 (out
- * of memory). */
-static int fu_stream_unprojected(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap) {
+ * parts records). *rows / *cap: the thread's row buffer, grown for a long bag; big: the record's
+ * rows are prefetched (FU_PREFETCH_TABLE_BYTES). Returns 0 or 1 (out of memory). */
+static int fu_stream_unprojected(fused_job_t *job, const int64_t *rec, const float ***rows, int64_t *cap,
+                                 const int big) {
     const int64_t D = job->dim, f = rec[1], NB = rec[5];
     const int64_t *off = job->offsets + f * job->batch;
     float *out = job->out + f * D;
-    const int big = fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
     for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
         if (big && b + FU_AHEAD < job->bag_end)
             fu_prefetch_mixed(rec, job->offsets, job->batch, job->ranks, job->weights, NULL, b + FU_AHEAD);
         const int64_t lo = off[b], hi = off[b + 1];
-        if ((hi - lo) * NB > *cap) {
-            const float **grown = (const float **)realloc((void *)*rows, (size_t)((hi - lo) * NB) * sizeof(float *));
-            if (!grown) return 1;
-            *rows = grown;
-            *cap = (hi - lo) * NB;
-        }
+        if (fu_rows_room(rows, cap, (hi - lo) * NB)) return 1;
         int64_t n = 0;
         for (int64_t p = lo; p < hi; p++) {
             const int64_t rank = job->ranks[p];
@@ -1180,8 +1181,8 @@ static void fu_forward_bags(fused_job_t *job, const float ***rows, int64_t *cap,
         }
         if ((job->status = fu_gather_ranks(job, rec))) break;
         const int big = fu_mixed_bytes(rec) >= FU_PREFETCH_TABLE_BYTES;
-        if (job->stream && D % 8 == 0 && !fu_mixed_projects(rec)) {
-            job->status = fu_stream_unprojected(job, rec, rows, cap);
+        if (job->stream && !fu_mixed_projects(rec)) { /* (streaming implies D % 8 == 0) */
+            job->status = fu_stream_unprojected(job, rec, rows, cap, big);
             continue;
         }
         for (int64_t b = job->bag_begin; b < job->bag_end; b++) {
