@@ -61,6 +61,13 @@ MAX_BLOCKS = 32  # MixedDim blocks per feature the C kernels take
 # output is not found in cache by its consumer anyway, and the kernel skips reading every line
 # before writing it. -1: never.
 STREAM_BYTES = 16 << 20
+# ... and from this size where each bag's D floats are one whole 64-byte line (D = 16, the output
+# 64-byte aligned). There each ordinary store first reads its own line, a line per bag and feature,
+# and a streamed line is written whole at once. Measured on the EPYC (1 MB L2 per core; Hash,
+# B=1024-4096, benchmarks/NOTES.md "Streamed one-line rows"): the forward took 0.84-0.90x the time
+# and forward plus a consumer that reads the output 0.89-0.98x, from 1.7 MB up. Wider rows (D=32, 64)
+# lost below about 10 MB (up to 1.27x with the consumer), half lines (D=8) at every size (1.15-1.26x).
+LINE_STREAM_BYTES = 2 << 20
 STREAMED = 256  # the flag tz_fused_forward adds to its threads when it streamed the output
 
 _switch = KernelSwitch(default="auto")
@@ -174,6 +181,16 @@ def _program(
     return torch.tensor(flat, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64)
 
 
+def stream_bytes(dim: int, out: torch.Tensor) -> int:
+    """The output size from which ``out`` is streamed (``STREAM_BYTES``, or ``LINE_STREAM_BYTES``
+    for one-line rows); -1 (never) where ``STREAM_BYTES`` is."""
+    if STREAM_BYTES < 0:
+        return -1
+    if dim * out.element_size() == 64 and out.data_ptr() % 64 == 0 and out.stride(0) % 16 == 0:
+        return min(STREAM_BYTES, LINE_STREAM_BYTES)
+    return STREAM_BYTES
+
+
 def _max_width(plan: Any, dim: int) -> int:
     width = plan.params.get(("c_max_width", dim))
     if width is None:
@@ -212,7 +229,7 @@ def forward(
     used = lib.tz_fused_forward(
         ids.data_ptr(), offsets.data_ptr(), batch, out.data_ptr(), out.stride(0), dim, plan.weights.data_ptr(),
         native.ptr(plan.remaps), native.ptr(ranks), prog.data_ptr(), starts.data_ptr(), len(starts), _max_width(plan, dim),
-        fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim), STREAM_BYTES,
+        fused_lookup._MIX[0], fused_lookup._MIX[1], native.threads(batch, num_features * dim), stream_bytes(dim, out),
     )  # fmt: skip
     if used == -2:
         raise RuntimeError("tablezip: a remap value is out of bounds (a corrupted MixedDim, Pruned or Hybrid remap)")

@@ -339,6 +339,36 @@ def test_streamed_outputs_are_the_stored_ones_bit_for_bit(monkeypatch):
     assert streamed[1:] == [cpu_has_avx()] * 2
 
 
+def test_one_line_rows_stream_from_a_smaller_size(monkeypatch):
+    """Rows of one whole 64-byte line (D = 16 fp32, the output 64-byte aligned) are streamed from
+    ``LINE_STREAM_BYTES``, other rows from ``STREAM_BYTES``; -1 stays "never". End to end: at one
+    output size between the two, a D=16 collection streams (where the build has AVX) and a D=32 one
+    does not, and the streamed output is the stored one bit for bit."""
+    assert fused_cpu.stream_bytes(16, torch.empty(8, 64)) == min(fused_cpu.STREAM_BYTES, fused_cpu.LINE_STREAM_BYTES)
+    for dim, out in ((8, torch.empty(8, 64)), (32, torch.empty(8, 64)), (64, torch.empty(8, 128)),
+                     (16, torch.empty(8 * 64 + 4)[4:].view(8, 64)), (16, torch.empty(8, 72)[:, :64])):  # fmt: skip
+        assert fused_cpu.stream_bytes(dim, out) == fused_cpu.STREAM_BYTES, (dim, out.stride(), out.data_ptr() % 64)
+    monkeypatch.setattr(fused_cpu, "STREAM_BYTES", -1)
+    assert fused_cpu.stream_bytes(16, torch.empty(8, 64)) == -1
+
+    monkeypatch.setattr(fused_cpu, "STREAM_BYTES", 1 << 30)
+    monkeypatch.setattr(fused_cpu, "LINE_STREAM_BYTES", 64 << 10)
+    features = [FeatureSpec("a", 700), FeatureSpec("b", 90)]
+    bags = 1024  # 1024 x 2 x 16 floats = 128 KB at D=16, 256 KB at D=32: both past 64 KB
+    kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.arange(2 * bags) % 800, lengths=torch.ones(2 * bags, dtype=torch.long))
+    for dim, streams in ((16, cpu_has_avx()), (32, False)):
+        coll = CompressedEmbeddingBagCollection(features, dim, {"a": Hash(rows=50), "b": QR(collisions=4)}, seed=2)
+        plan = fused_cpu.plan_for(coll)
+        with fused_cpu.mode("on"), torch.no_grad():
+            streamed = look_up_then_poison(coll, kjt)
+            assert plan.params["c_streamed"] is streams, dim
+            monkeypatch.setattr(fused_cpu, "LINE_STREAM_BYTES", 1 << 30)
+            stored = look_up_then_poison(coll, kjt)
+            assert plan.params["c_streamed"] is False
+            monkeypatch.setattr(fused_cpu, "LINE_STREAM_BYTES", 64 << 10)
+        assert torch.equal(streamed, stored)
+
+
 def look_up_then_poison(coll: CompressedEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> torch.Tensor:
     """A copy of the lookup; the output itself is then filled with NaN, so a later lookup that
     reuses its memory (embeddings/spare.py) and skips a value is seen."""
