@@ -285,7 +285,8 @@ def test_mixed_dim_dropped_ids_read_zero(kernel):
 
 def test_mixed_dim_longer_bags_trained_projections_and_loads(kernel, monkeypatch):
     """Bags of 0-6 ids allclose; the projections are read in place (after training steps of the
-    TBE path and after ``load_state_dict``), and a moved parameter rebuilds the plan."""
+    TBE path and after ``load_state_dict``), and a moved parameter or a replaced remap rebuilds
+    the plan."""
     calls = spy(monkeypatch)
     coll = CompressedEmbeddingBagCollection(MD_FEATURES, DIM, MD_METHODS, optimizer=TableOptimizer(lr=0.5), seed=8)
     twin = copy.deepcopy(coll)
@@ -305,7 +306,15 @@ def test_mixed_dim_longer_bags_trained_projections_and_loads(kernel, monkeypatch
     layout.projections["1"] = torch.nn.Parameter(layout.projections["1"].detach().clone() * 2)
     reference, fused = both(twin, kjt)
     torch.testing.assert_close(fused, reference, **MD_TOL)
-    assert len(calls) == 4
+    # A replaced remap (other ranks for the same ids) rebuilds the plan too: the kernel reads the
+    # new tensor, not the old one's memory.
+    remapped = twin.layouts["md_remap"]
+    old_remap = remapped.remap
+    remapped.remap = old_remap.flip(0).contiguous()
+    assert not torch.equal(remapped.remap, old_remap)
+    reference, fused = both(twin, kjt)
+    torch.testing.assert_close(fused, reference, **MD_TOL)
+    assert len(calls) == 5
 
 
 def test_module_attr_is_getattr_with_a_default():
