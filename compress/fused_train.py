@@ -817,7 +817,8 @@ def _advance_iter(tbe: Any, kind: int) -> None:
         return
     iter_cpu = getattr(tbe, "iter_cpu", None)
     if isinstance(iter_cpu, torch.Tensor):
-        tbe.iter_cpu = iter_cpu = iter_cpu.cpu()
+        if iter_cpu.device.type != "cpu":  # (re-assigning a CPU buffer to itself cost 2 us per step)
+            tbe.iter_cpu = iter_cpu = iter_cpu.cpu()
         if iter_cpu.item() == 0:
             iter_cpu.fill_(tbe.iter.cpu().item())
         iter_cpu.add_(1)
