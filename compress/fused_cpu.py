@@ -64,7 +64,7 @@ STREAM_BYTES = 16 << 20
 # ... and from this size where each bag's D floats are one whole 64-byte line (D = 16, the output
 # 64-byte aligned). There each ordinary store first reads its own line, a line per bag and feature,
 # and a streamed line is written whole at once. Measured on the EPYC (1 MB L2 per core; Hash,
-# B=1024-4096, benchmarks/NOTES.md "Streamed one-line rows"): the forward took 0.84-0.90x the time
+# B=1024-4096, benchmarks/NOTES.md "One-line rows streamed from 2 MB"): the forward took 0.84-0.90x the time
 # and forward plus a consumer that reads the output 0.89-0.98x, from 1.7 MB up. Wider rows (D=32, 64)
 # lost below about 10 MB (up to 1.27x with the consumer), half lines (D=8) at every size (1.15-1.26x).
 LINE_STREAM_BYTES = 2 << 20
