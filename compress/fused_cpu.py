@@ -68,6 +68,7 @@ STREAM_BYTES = 16 << 20
 # and forward plus a consumer that reads the output 0.89-0.98x, from 1.7 MB up. Wider rows (D=32, 64)
 # lost below about 10 MB (up to 1.27x with the consumer), half lines (D=8) at every size (1.15-1.26x).
 LINE_STREAM_BYTES = 2 << 20
+LINE_BYTES = 64  # a cache line (x86-64)
 STREAMED = 256  # the flag tz_fused_forward adds to its threads when it streamed the output
 
 _switch = KernelSwitch(default="auto")
@@ -186,7 +187,8 @@ def stream_bytes(dim: int, out: torch.Tensor) -> int:
     for one-line rows); -1 (never) where ``STREAM_BYTES`` is."""
     if STREAM_BYTES < 0:
         return -1
-    if dim * out.element_size() == 64 and out.data_ptr() % 64 == 0 and out.stride(0) % 16 == 0:
+    row, stride = dim * out.element_size(), out.stride(0) * out.element_size()
+    if row == LINE_BYTES and out.data_ptr() % LINE_BYTES == 0 and stride % LINE_BYTES == 0:
         return min(STREAM_BYTES, LINE_STREAM_BYTES)
     return STREAM_BYTES
 

@@ -1029,11 +1029,11 @@ INL void fu_prefetch_mixed(const int64_t *rec, const int64_t *offsets, const int
 
 /* Streaming (non-temporal) stores for a large output: its bag vectors go to memory without first
  * reading each line into the cache (an ordinary store to a line not in cache reads it first, then
- * writes it back on eviction), and without evicting the tables' rows. An output at least
- * tz_fused_forward's stream_bytes (fused_cpu.STREAM_BYTES) is far larger than what its consumer
- * could find in cache, so nothing is lost there. At B=4096, D=64, 26 Criteo-sample features
- * (27 MB), Hash's forward took 0.55-0.58x the time (benchmarks/NOTES.md); x86-64 with AVX only
- * (elsewhere ordinary stores, the same values). */
+ * writes it back on eviction), and without evicting the tables' rows. Which outputs stream is
+ * fused_cpu.stream_bytes' choice (tz_fused_forward's stream_bytes): ones far larger than what their
+ * consumer could find in cache, and smaller ones whose every bag row is one whole cache line. At
+ * B=4096, D=64, 26 Criteo-sample features (27 MB), Hash's forward took 0.55-0.58x the time
+ * (benchmarks/NOTES.md); x86-64 with AVX only (elsewhere ordinary stores, the same values). */
 #if defined(__AVX__)
 #define FU_CAN_STREAM 1
 /* A bag of n ids of a parts record (rows rp[p * K + j]; op, K parts W wide, W % 8 == 0), or n
